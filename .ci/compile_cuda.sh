@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Compile-check (nvcc -c, no link) every csrc/cuda/*.cu against the installed
+# torch's headers. The CPU torch wheel ships the ATen/c10 CUDA headers, so this
+# catches CUDA compile errors on a machine without a GPU.
+set -euo pipefail
+PYBIN=${1:-python3}
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "compile_cuda: nvcc not found; skipping the CUDA compile check"
+  exit 0
+fi
+shopt -s nullglob
+files=(csrc/cuda/*.cu)
+if [ ${#files[@]} -eq 0 ]; then echo "compile_cuda: no .cu files"; exit 0; fi
+inc=$("$PYBIN" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
+pyinc=$("$PYBIN" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+abi=$("$PYBIN" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+out=$(mktemp -d)
+for f in "${files[@]}"; do
+  echo "nvcc -c $f"
+  nvcc -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O2 --expt-relaxed-constexpr \
+    -gencode arch=compute_90,code=sm_90 -Icsrc $inc -I"$pyinc" \
+    -D_GLIBCXX_USE_CXX11_ABI=$abi -DCOVRL_WITH_CUDA=1 -Xcompiler -fPIC
+done
+rm -rf "$out"
+echo "compile_cuda: ${#files[@]} file(s) compiled"

@@ -1,0 +1,38 @@
+# One command per habit. `make test` works on a fresh machine: it makes .venv if
+# needed, installs the CPU torch wheel when no torch is present, builds covrl
+# (the C++ extension included) with its dev extras, and runs pytest.
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: test install venv bench protos lint demo clean compile-cuda
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+venv: $(VPY)
+
+install: $(VPY)
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q "scikit-build-core>=0.10" ninja
+	$(VPY) -m pip install -q --no-build-isolation -e ".[dev,reward,demo]"
+
+test: install
+	$(VPY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: install
+	$(VPY) benchmarks/run_all.py
+
+lint: install
+	$(VPY) -m ruff check covrl tests benchmarks
+
+# Compile-check every CUDA source against torch's headers (works with the CPU
+# torch wheel, which ships the ATen/c10 CUDA headers; links only on a GPU host).
+compile-cuda: install
+	bash .ci/compile_cuda.sh $(VPY)
+
+clean:
+	rm -rf build dist *.egg-info

@@ -1,0 +1,14 @@
+"""covrl: reinforcement learning for reasoning LLMs without entropy collapse.
+
+Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
+
+- :func:`covrl.policy_loss`: PPO / Clip-Cov / KL-Cov policy loss on per-token log-probs.
+
+``covrl.kernel_info()`` says which compiled kernels this install has.
+"""
+
+from covrl._ext import kernel_info
+
+__version__ = "0.1.0"
+
+__all__ = ["kernel_info", "__version__"]
