@@ -3,12 +3,14 @@
 Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
 
 - :func:`covrl.policy_loss`: PPO / Clip-Cov / KL-Cov policy loss on per-token log-probs.
+- :func:`covrl.logprob_entropy`: logits -> per-token log-prob and entropy.
 
 ``covrl.kernel_info()`` says which compiled kernels this install has.
 """
 
 from covrl._ext import kernel_info
+from covrl.ops import logprob_entropy, policy_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["kernel_info", "__version__"]
+__all__ = ["kernel_info", "logprob_entropy", "policy_loss", "__version__"]
