@@ -4,13 +4,14 @@ Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
 
 - :func:`covrl.policy_loss`: PPO / Clip-Cov / KL-Cov policy loss on per-token log-probs.
 - :func:`covrl.logprob_entropy`: logits -> per-token log-prob and entropy.
+- :func:`covrl.fused_policy_loss`: logits -> policy loss (+ token-mean entropy), two passes.
 
 ``covrl.kernel_info()`` says which compiled kernels this install has.
 """
 
 from covrl._ext import kernel_info
-from covrl.ops import logprob_entropy, policy_loss
+from covrl.ops import fused_policy_loss, logprob_entropy, policy_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["kernel_info", "logprob_entropy", "policy_loss", "__version__"]
+__all__ = ["fused_policy_loss", "kernel_info", "logprob_entropy", "policy_loss", "__version__"]

@@ -246,15 +246,18 @@ def policy_loss(
 def logprob_entropy(logits, labels, temperature=1.0):
     """Reference ``(log_prob, entropy)`` of ``labels`` under ``softmax(logits / T)``.
 
-    ``logits`` is [..., V]; ``labels`` is [...]. Float32 outputs. Entries of -inf in
-    the logits have probability 0 and contribute 0 to the entropy.
+    ``logits`` is [..., V]; ``labels`` is [...]. Float32 outputs (float64 for float64
+    logits). Entries of -inf in the logits have probability 0 and contribute 0 to the
+    entropy and to its gradient (the ``where`` guards ``0 * log 0`` in the backward too).
+    A row of all -inf gives NaN.
     """
-    z = logits.float() / temperature
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(acc) / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     log_prob = torch.gather(logp_all, -1, labels.long().unsqueeze(-1)).squeeze(-1)
     p = logp_all.exp()
-    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
-    entropy = -plogp.sum(-1)
+    safe_logp = torch.where(p > 0, logp_all, torch.zeros_like(logp_all))
+    entropy = -(p * safe_logp).sum(-1)
     return log_prob, entropy
 
 

@@ -22,6 +22,18 @@ std::string build_info() {
 TORCH_LIBRARY(covrl, m) {
   // build_info() -> "cpu" or "cpu,cuda": the kernels compiled into covrl._C.
   m.def("build_info() -> str", &covrl::build_info);
+  // logprob_entropy_fwd(logits [..., V], labels [...] int64, T, inplace_grad) ->
+  //   (log_prob [...], entropy [...], lse [...]): fp32 (fp64 for fp64 logits), one
+  //   streaming pass per row, softmax never stored. inplace_grad only changes the backward.
+  m.def("logprob_entropy_fwd(Tensor logits, Tensor labels, float temperature, bool inplace_grad) -> "
+        "(Tensor log_prob, Tensor entropy, Tensor lse)");
+  // logprob_entropy_bwd(...) -> d loss / d logits (dtype and shape of logits), recomputed
+  //   from the saved lse and entropy; grad_entropy None means no entropy gradient.
+  m.def("logprob_entropy_bwd(Tensor grad_log_prob, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor lse, Tensor entropy, float temperature) -> Tensor");
+  // logprob_entropy_bwd_: the same gradient written into the logits' own storage.
+  m.def("logprob_entropy_bwd_(Tensor(a!) logits, Tensor grad_log_prob, Tensor? grad_entropy, "
+        "Tensor labels, Tensor lse, Tensor entropy, float temperature) -> ()");
 }
 
 // covrl._C is imported as a Python module only so that its static initialisers
