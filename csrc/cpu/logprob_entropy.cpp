@@ -10,8 +10,9 @@
 //
 // Backward recomputes p_j = exp(z_j - lse):
 //   d log_prob / d z_j = onehot_j - p_j,   d H / d z_j = -p_j (log p_j + H),
-// times 1/T. Entries with p_j == 0 (logit -inf) get exactly 0 (log p_j is
-// clamped to the lowest finite value, so 0 * -inf never happens).
+// times 1/T. Entries with p_j == 0 (logit -inf) get exactly 0: log p_j is
+// clamped at kLogFloor = -1024, where exp() is already exactly 0 in fp32 and fp64,
+// so neither 0 * -inf nor 0 * (huge) ever happens.
 //
 // Vectorisation: at::vec::Vectorized. The extension is built without -mavx2,
 // so on x86-64 this file compiles its kernels for AVX2+FMA+F16C (the region
@@ -54,6 +55,7 @@ namespace lpe_cpu {
 
 using at::vec::Vectorized;
 constexpr int64_t kBlock = 2048;  // entries per block: 8 KiB of fp32, stays in L1
+constexpr double kLogFloor = -1024.0;  // exp(kLogFloor) == 0 in fp32 and fp64
 
 // Params shared by forward and backward (one struct per kernel family).
 struct Params {
@@ -111,7 +113,7 @@ template <typename scalar_t, typename acc_t>
 acc_t row_forward(const scalar_t* x, int64_t V, acc_t inv_t, acc_t* buf, acc_t* entropy) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  const acc_t lowest = static_cast<acc_t>(kLogFloor);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t m = ninf, s = 0, w = 0;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
@@ -133,7 +135,7 @@ acc_t row_forward(const scalar_t* x, int64_t V, acc_t inv_t, acc_t* buf, acc_t* 
       m = bm;
     }
     if (m == ninf) continue;  // every entry so far is -inf: p = 0, nothing to add
-    // Accumulate exp(u) and exp(u) * u, u = max(z - m, lowest) (so -inf gives 0, not NaN).
+    // Accumulate exp(u) and exp(u) * u, u = max(z - m, kLogFloor) (so -inf gives 0, not NaN).
     const Vec vm(m), vt(inv_t), vlow(lowest);
     Vec vs(0), vw(0);
     i = 0;
@@ -164,7 +166,7 @@ void row_backward(const scalar_t* x, scalar_t* out, int64_t V, int64_t label, ac
                   acc_t ent, acc_t g_lp, acc_t g_ent, acc_t* buf) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  const acc_t lowest = static_cast<acc_t>(kLogFloor);
   if (lse == -std::numeric_limits<acc_t>::infinity()) {
     // All logits -inf: no distribution, no gradient.
     for (int64_t j = 0; j < V; ++j) out[j] = scalar_t(0);

@@ -36,6 +36,10 @@ namespace lpe_cuda {
 constexpr int kThreads = 256;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
+// Floors for log p (base 2 in the forward, natural in the backward): exp of them is
+// exactly 0 in fp32 and fp64, and multiplying them by a gradient cannot overflow.
+constexpr double kLog2Floor = -1100.0;
+constexpr double kLnFloor = -1024.0;
 
 struct Params {
   int64_t rows = 0;
@@ -86,7 +90,7 @@ __device__ __forceinline__ void add(State<acc_t>& st, acc_t y) {
     st.m = y;
   }
   if (st.m == -std::numeric_limits<acc_t>::infinity()) return;
-  const acc_t u = max(y - st.m, std::numeric_limits<acc_t>::lowest());
+  const acc_t u = max(y - st.m, static_cast<acc_t>(kLog2Floor));
   const acc_t e = ex2(u);
   st.s += e;
   st.w += e * u;
@@ -223,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params p, const scal
   const acc_t glabel = inv_t * gl;
   auto grad = [&](acc_t xv, int64_t j) -> acc_t {
     if (empty) return acc_t(0);
-    const acc_t u = max(xv * inv_t - l, std::numeric_limits<acc_t>::lowest());
+    const acc_t u = max(xv * inv_t - l, static_cast<acc_t>(kLnFloor));
     acc_t g = ex2(u * static_cast<acc_t>(kLog2e)) * (c0 + c1 * u);
     if (j == y) g += glabel;
     return g;
