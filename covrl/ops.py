@@ -158,9 +158,19 @@ def fused_policy_loss(
     O(tokens) work), then one backward pass over the logits. Same loss and selection as
     ``logprob_entropy`` followed by ``policy_loss``; ``loss_kwargs`` are ``policy_loss``'s
     keywords (mode, agg, clip_low, ..., seed). ``inplace_grad`` as in ``logprob_entropy``.
+
+    Shapes: logits [B, T, V] with labels/old_log_prob/mask [B, T] and advantages [B] or
+    [B, T]; or logits [N, V] with [N] token tensors (advantages per token), treated as one
+    sequence of N tokens.
     """
     log_prob, entropy = logprob_entropy(logits, labels, temperature=temperature, with_entropy=True,
                                         inplace_grad=inplace_grad)
+    if logits.dim() == 2:
+        # [N, V] logits: the N tokens are one sequence [1, N] (per-token advantages / weights).
+        log_prob, entropy = log_prob[None], entropy[None]
+        old_log_prob, advantages, mask = old_log_prob[None], advantages[None], mask[None]
+        if loss_kwargs.get("is_weights") is not None:
+            loss_kwargs["is_weights"] = loss_kwargs["is_weights"][None]
     loss, metrics = policy_loss(log_prob, old_log_prob, advantages, mask, **loss_kwargs)
     valid = (mask != 0).to(entropy.dtype)
     metrics = dict(metrics)
