@@ -198,7 +198,7 @@ def run_cuda(args):
             # Liger reads logits [B, T + 1, V] (the last position is dropped).
             logits = torch.cat([logits, logits[:, :1]], dim=1)
 
-        def fn(variant=variant, logits=logits, labels=labels, old=old, adv=adv, mask=mask):
+        def fn(variant=variant, logits=logits, labels=labels, old=old, adv=adv, mask=mask, g1=g1, g2=g2):
             if variant in ("eager", "covrl", "covrl_inplace"):
                 return step(variant, logits.view(B * T, V), labels.view(-1), g1, g2)
             x = logits.detach().requires_grad_(True)
@@ -211,12 +211,14 @@ def run_cuda(args):
                 loss = (per_tok * mask).sum() / mask.sum()
             return torch.autograd.grad(loss, x)[0]
 
+        fresh = logits.clone()  # in-place variants clobber the logits: restore them between runs
         fn()  # warm-up / compile
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         times = []
         for _ in range(args.reps):
+            logits.copy_(fresh)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             grad = fn()
@@ -229,7 +231,7 @@ def run_cuda(args):
                "logits_mib": logits.numel() * logits.element_size() / 2**20}
         print(f"{variant:>24}: {res['time_s'] * 1e3:9.2f} ms  extra peak {extra:9.1f} MiB", flush=True)
         results.append(res)
-        del logits, labels, old, adv, mask, fn
+        del logits, fresh, labels, old, adv, mask, fn
     return results
 
 
