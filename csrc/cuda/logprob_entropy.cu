@@ -225,8 +225,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params p, const scal
   const acc_t c1 = -inv_t * gh;
   const acc_t c0 = -inv_t * (gl + gh * ent[r]);
   const acc_t glabel = inv_t * gl;
+  const bool nan_row = l != l;  // NaN logit in the row: NaN gradient, as on the CPU
   auto grad = [&](acc_t xv, int64_t j) -> acc_t {
     if (empty) return acc_t(0);
+    if (nan_row) return l;
     const acc_t u = max(xv * inv_t - l, static_cast<acc_t>(kLnFloor));
     acc_t g = ex2(u * static_cast<acc_t>(kLog2e)) * (c0 + c1 * u);
     if (j == y) g += glabel;

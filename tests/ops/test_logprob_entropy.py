@@ -140,9 +140,12 @@ def test_all_masked_row_is_nan_with_zero_gradient():
 def test_nan_logit_propagates():
     logits = torch.randn(2, 5000)
     logits[0, 4321] = float("nan")
-    lp, ent = covrl.logprob_entropy(logits, torch.tensor([3, 3]))
+    x = logits.requires_grad_(True)
+    lp, ent = covrl.logprob_entropy(x, torch.tensor([3, 3]))
     assert torch.isnan(lp[0]) and torch.isnan(ent[0])
     assert torch.isfinite(lp[1]) and torch.isfinite(ent[1])
+    (lp[0] + lp[1] + ent[1]).backward()
+    assert torch.isnan(x.grad[0]).all() and torch.isfinite(x.grad[1]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
