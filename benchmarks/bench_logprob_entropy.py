@@ -207,8 +207,9 @@ def run_cuda(args):
             else:
                 out = triton_grpo_loss(x, old, None, labels, adv, mask, temperature=1.0, beta=0.0,
                                        eps_low=0.2, eps_high=0.2, inplace=True)
-                per_tok = out[0] if isinstance(out, (tuple, list)) else out
-                loss = (per_tok * mask).sum() / mask.sum()
+                # Newer Liger returns the reduced loss first, older versions the per-token loss.
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                loss = first if first.dim() == 0 else (first * mask).sum() / mask.sum()
             return torch.autograd.grad(loss, x)[0]
 
         fresh = logits.clone()  # in-place variants clobber the logits: restore them between runs

@@ -74,26 +74,33 @@ struct State {
   bool nan;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ void add(State<acc_t>& st, acc_t y) {
-  if (y != y) {
-    st.nan = true;
-    return;
+// Adds K values: their max first, so the state is rescaled at most once per call
+// (one ex2 per value in the common case). NaN values only set the flag.
+template <typename acc_t, int K>
+__device__ __forceinline__ void add(State<acc_t>& st, const acc_t (&y)[K]) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma unroll
+  for (int q = 0; q < K; ++q) {
+    st.nan |= y[q] != y[q];
+    mx = y[q] > mx ? y[q] : mx;
   }
-  if (y > st.m) {
+  if (mx > st.m) {
     if (st.s > 0) {
-      const acc_t d = st.m - y;
+      const acc_t d = st.m - mx;
       const acc_t sc = ex2(d);
       st.w = sc * (st.w + st.s * d);
       st.s *= sc;
     }
-    st.m = y;
+    st.m = mx;
   }
   if (st.m == -std::numeric_limits<acc_t>::infinity()) return;
-  const acc_t u = max(y - st.m, static_cast<acc_t>(kLog2Floor));
-  const acc_t e = ex2(u);
-  st.s += e;
-  st.w += e * u;
+#pragma unroll
+  for (int q = 0; q < K; ++q) {
+    const acc_t u = max(y[q] - st.m, static_cast<acc_t>(kLog2Floor));  // NaN y: flagged above
+    const acc_t e = ex2(u);
+    st.s += e;
+    st.w += e * u;
+  }
 }
 
 template <typename acc_t>
@@ -176,15 +183,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const scala
 
   const int64_t head = head_len(row, V);
   const int64_t nvec = (V - head) / kN;
-  for (int64_t j = threadIdx.x; j < head; j += kThreads) add(st, static_cast<acc_t>(row[j]) * scale);
+  for (int64_t j = threadIdx.x; j < head; j += kThreads) {
+    const acc_t y[1] = {static_cast<acc_t>(row[j]) * scale};
+    add(st, y);
+  }
   const Pack<scalar_t>* body = reinterpret_cast<const Pack<scalar_t>*>(row + head);
   for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
     const Pack<scalar_t> pk = body[k];
+    acc_t y[kN];
 #pragma unroll
-    for (int q = 0; q < kN; ++q) add(st, static_cast<acc_t>(pk.v[q]) * scale);
+    for (int q = 0; q < kN; ++q) y[q] = static_cast<acc_t>(pk.v[q]) * scale;
+    add(st, y);
   }
   for (int64_t j = head + nvec * kN + threadIdx.x; j < V; j += kThreads) {
-    add(st, static_cast<acc_t>(row[j]) * scale);
+    const acc_t y[1] = {static_cast<acc_t>(row[j]) * scale};
+    add(st, y);
   }
 
   const State<acc_t> tot = block_merge(st);
