@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "dispatch.h"
+#include "logprob_entropy_args.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CPU_CAPABILITY)
 #define COVRL_LPE_AVX2 1
@@ -246,6 +247,11 @@ void backward_impl(const Params& p, const scalar_t* x, scalar_t* out, int64_t ou
 namespace covrl {
 namespace {
 
+using lpe_args::as_rows;
+using lpe_args::check_common;
+using lpe_args::flat_acc;
+using lpe_args::out_dtype;
+
 void check_cpu_features() {
 #ifdef COVRL_LPE_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -253,30 +259,6 @@ void check_cpu_features() {
   TORCH_CHECK(ok, "covrl::logprob_entropy: the CPU kernel is built for AVX2+FMA+F16C and this CPU lacks "
               "them; set COVRL_DISABLE_EXTENSION=1 to use the plain-PyTorch reference");
 #endif
-}
-
-// [..., V] logits as [rows, V] with unit stride along V (a view when possible).
-at::Tensor as_rows(const at::Tensor& logits) {
-  at::Tensor x = logits.reshape({-1, logits.size(-1)});
-  if (x.stride(1) != 1) x = x.contiguous();
-  return x;
-}
-
-at::ScalarType out_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
-  COVRL_CHECK_FLOAT(logits);
-  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) >= 1, "logits must be [..., V] with V >= 1, got shape ",
-              logits.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "labels must have shape logits.shape[:-1] = ", logits.sizes().slice(0, logits.dim() - 1),
-              ", got ", labels.sizes());
-  COVRL_CHECK_DEVICE(labels, logits);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
-              temperature);
 }
 
 // CPU: a label outside [0, V) is an error raised here (a host check is free on CPU).
@@ -320,21 +302,16 @@ void lpe_backward_into(const at::Tensor& out, const at::Tensor& grad_log_prob,
                        double temperature) {
   check_common(logits, labels, temperature);
   check_cpu_features();
-  const auto acc = out_dtype(logits);
-  COVRL_CHECK_SAME_SHAPE(grad_log_prob, labels);
-  COVRL_CHECK_SAME_SHAPE(lse, labels);
-  COVRL_CHECK_SAME_SHAPE(entropy, labels);
   const at::Tensor x = as_rows(logits);
   const at::Tensor o = out.view({-1, logits.size(-1)});
   TORCH_INTERNAL_ASSERT(o.stride(1) == 1);
   const at::Tensor lab = labels.reshape({-1}).contiguous();
-  const at::Tensor glp = grad_log_prob.reshape({-1}).to(acc).contiguous();
-  const at::Tensor l = lse.reshape({-1}).to(acc).contiguous();
-  const at::Tensor h = entropy.reshape({-1}).to(acc).contiguous();
+  const at::Tensor glp = flat_acc(grad_log_prob, labels, logits, "grad_log_prob");
+  const at::Tensor l = flat_acc(lse, labels, logits, "lse");
+  const at::Tensor h = flat_acc(entropy, labels, logits, "entropy");
   at::Tensor gh;
   if (grad_entropy.has_value() && grad_entropy->defined()) {
-    COVRL_CHECK_SAME_SHAPE(*grad_entropy, labels);
-    gh = grad_entropy->reshape({-1}).to(acc).contiguous();
+    gh = flat_acc(*grad_entropy, labels, logits, "grad_entropy");
   }
   lpe_cpu::Params p;
   p.rows = x.size(0);

@@ -29,6 +29,7 @@
 #include <limits>
 
 #include "dispatch.h"
+#include "logprob_entropy_args.h"
 
 namespace covrl {
 namespace lpe_cuda {
@@ -276,28 +277,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params p, const scal
 
 namespace {
 
-at::ScalarType out_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
-  COVRL_CHECK_FLOAT(logits);
-  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) >= 1, "logits must be [..., V] with V >= 1, got shape ",
-              logits.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "labels must have shape logits.shape[:-1] = ", logits.sizes().slice(0, logits.dim() - 1),
-              ", got ", labels.sizes());
-  COVRL_CHECK_DEVICE(labels, logits);
-  TORCH_CHECK(temperature > 0 && temperature < std::numeric_limits<double>::infinity(),
-              "temperature must be a finite number > 0, got ", temperature);
-}
-
-at::Tensor as_rows(const at::Tensor& logits) {
-  at::Tensor x = logits.reshape({-1, logits.size(-1)});
-  if (x.stride(1) != 1) x = x.contiguous();
-  return x;
-}
+using lpe_args::as_rows;
+using lpe_args::check_common;
+using lpe_args::flat_acc;
+using lpe_args::out_dtype;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lpe_forward_cuda(const at::Tensor& logits,
                                                                const at::Tensor& labels, double temperature,
@@ -333,25 +316,18 @@ void lpe_backward_into(const at::Tensor& out, const at::Tensor& grad_log_prob,
                        const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                        double temperature) {
   check_common(logits, labels, temperature);
-  COVRL_CHECK_SAME_SHAPE(grad_log_prob, labels);
-  COVRL_CHECK_SAME_SHAPE(lse, labels);
-  COVRL_CHECK_SAME_SHAPE(entropy, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = out_dtype(logits);
   const at::Tensor x = as_rows(logits);
   const at::Tensor o = out.view({-1, logits.size(-1)});
   TORCH_INTERNAL_ASSERT(o.stride(1) == 1);
   const at::Tensor lab = labels.reshape({-1}).contiguous();
-  const at::Tensor glp = grad_log_prob.reshape({-1}).to(acc).contiguous();
-  const at::Tensor l = lse.reshape({-1}).to(acc).contiguous();
-  const at::Tensor h = entropy.reshape({-1}).to(acc).contiguous();
+  const at::Tensor glp = flat_acc(grad_log_prob, labels, logits, "grad_log_prob");
+  const at::Tensor l = flat_acc(lse, labels, logits, "lse");
+  const at::Tensor h = flat_acc(entropy, labels, logits, "entropy");
   at::Tensor gh;
   if (grad_entropy.has_value() && grad_entropy->defined()) {
-    COVRL_CHECK_SAME_SHAPE(*grad_entropy, labels);
-    COVRL_CHECK_DEVICE(*grad_entropy, logits);
-    gh = grad_entropy->reshape({-1}).to(acc).contiguous();
+    gh = flat_acc(*grad_entropy, labels, logits, "grad_entropy");
   }
-  COVRL_CHECK_DEVICE(grad_log_prob, logits);
   lpe_cuda::Params p;
   p.rows = x.size(0);
   p.vocab = x.size(1);
