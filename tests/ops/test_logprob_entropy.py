@@ -1,5 +1,9 @@
 """covrl.logprob_entropy against the plain-PyTorch spec (covrl/reference.py) and float64 truth."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -292,3 +296,29 @@ def test_cuda_masked_inplace_and_misaligned():
     (covrl.logprob_entropy(x1 * 1, labels, inplace_grad=True)[1].sum()).backward()
     (covrl.logprob_entropy(x, labels)[1].sum()).backward()
     torch.testing.assert_close(x1.grad, x.grad)
+
+
+def test_reference_fallback_without_extension():
+    """COVRL_DISABLE_EXTENSION=1: the public ops run covrl/reference.py and still check labels."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('ignore')\n"
+        "import covrl\n"
+        "assert not covrl.kernel_info()['extension']\n"
+        "x = torch.randn(3, 11, requires_grad=True)\n"
+        "lp, ent = covrl.logprob_entropy(x, torch.tensor([0, 5, 10]), temperature=0.5)\n"
+        "(lp.sum() + ent.sum()).backward()\n"
+        "assert x.grad is not None and torch.isfinite(x.grad).all()\n"
+        "loss, m = covrl.fused_policy_loss(x.detach()[None], torch.tensor([[0, 5, 10]]), torch.zeros(1, 3),\n"
+        "                                  torch.ones(1), torch.ones(1, 3))\n"
+        "assert torch.isfinite(loss) and 'entropy' in m\n"
+        "try:\n"
+        "    covrl.logprob_entropy(x, torch.tensor([0, 5, 11]))\n"
+        "    raise SystemExit('no error for a label out of range')\n"
+        "except ValueError as e:\n"
+        "    assert 'labels' in str(e)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, COVRL_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
