@@ -216,7 +216,12 @@ class Verifier:
             with self._lock:
                 if self._closed:
                     raise RuntimeError("Verifier is closed")
-                outcomes = self._run(jobs)
+                try:
+                    outcomes = self._run(jobs)
+                finally:  # interrupted (KeyboardInterrupt, a bug): no job may leak into the next batch
+                    for i, w in enumerate(self._pool):
+                        if w.job is not None:
+                            self._replace(i)
             for (key, _, _), (status, reward, detail) in zip(jobs, outcomes, strict=True):
                 if status in CACHED_STATUSES:
                     self._cache_put(key, (reward, status, detail))
