@@ -126,7 +126,7 @@ class Verifier:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["covrl.rewards._worker"])
+        self._ctx.set_forkserver_preload(["covrl.rewards._worker", "covrl.rewards._preload"])
         self._pool: list[_Worker] = [self._start_worker() for _ in range(workers)]
 
     # ---------------------------------------------------------------- lifecycle
