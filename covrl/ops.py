@@ -330,9 +330,13 @@ def _register_policy_loss() -> None:
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
         ctx.lp_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.set_materialize_grads(False)  # no [B, T] zero tensors for the unused outputs
 
     def _backward(ctx, g_loss, g_grad, g_metrics, g_selected):
         (dlogp,) = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 18
         return ((g_loss * dlogp).to(ctx.lp_dtype),) + (None,) * 17
 
     torch.library.register_autograd("covrl::policy_loss_fwd", _backward, setup_context=_setup)

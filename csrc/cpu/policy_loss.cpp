@@ -125,34 +125,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
   const int64_t k = select_count(p.fraction, n_valid_local);
   double n_eligible = 0;
 
-  // ---- pass B: k-th smallest selection key over the eligible tokens.
-  if (p.mode != kPPO && !have_thr) {
+  // ---- pass B: k-th smallest selection key over the eligible tokens. Each chunk of rows
+  // keeps a bounded max-heap of its k smallest keys (k is tiny: 2e-4 of the tokens), so
+  // the final nth_element runs over at most nchunks * k keys.
+  if (p.mode != kPPO && !have_thr && k > 0) {
     const int64_t nchunks = std::min<int64_t>(B, 4 * at::get_num_threads());
-    std::vector<std::vector<int64_t>> buckets(nchunks);
+    std::vector<std::vector<int64_t>> heaps(nchunks);
+    std::vector<int64_t> counts(nchunks, 0);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        auto& out = buckets[c];
+        auto& heap = heaps[c];
+        int64_t n = 0;
         for (int64_t r = c * B / nchunks; r < (c + 1) * B / nchunks; ++r) {
           for (int64_t t = 0; t < T; ++t) {
             const int64_t i = r * T + t;
             if (!valid[i]) continue;
-            const auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
-                                             adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p);
-            const int64_t key = token_key(e, i, p);
-            if (key != kNotEligible) out.push_back(key);
+            int64_t key;
+            if (p.mode == kKLCov) {  // needs only the covariance
+              const acc_t cov = (adv[r * adv_stride + t * adv_tstride] - mean_a) *
+                                (static_cast<acc_t>(lp[i]) - mean_lp);
+              key = kl_cov_key(static_cast<float>(cov), i);
+            } else {
+              const auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
+                                               adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p);
+              key = token_key(e, i, p);
+              if (key == kNotEligible) continue;
+            }
+            ++n;
+            if (static_cast<int64_t>(heap.size()) < k) {
+              heap.push_back(key);
+              std::push_heap(heap.begin(), heap.end());
+            } else if (key < heap.front()) {
+              std::pop_heap(heap.begin(), heap.end());
+              heap.back() = key;
+              std::push_heap(heap.begin(), heap.end());
+            }
           }
         }
+        counts[c] = n;
       }
     });
     std::vector<int64_t> keys;
-    size_t total = 0;
-    for (auto& b : buckets) total += b.size();
-    keys.reserve(total);
-    for (auto& b : buckets) keys.insert(keys.end(), b.begin(), b.end());
-    n_eligible = static_cast<double>(keys.size());
-    if (k <= 0) {
-      thr = -1;
-    } else if (static_cast<int64_t>(keys.size()) <= k) {
+    for (int64_t c = 0; c < nchunks; ++c) {
+      keys.insert(keys.end(), heaps[c].begin(), heaps[c].end());
+      n_eligible += static_cast<double>(counts[c]);
+    }
+    if (static_cast<int64_t>(n_eligible) <= k) {
       thr = kNotEligible - 1;  // fewer candidates than k: take them all
     } else {
       std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
