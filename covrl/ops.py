@@ -120,8 +120,9 @@ class Selection:
         """The selection for rows ``[start, end)`` of the mini-batch it was computed on."""
         if not (0 <= start < end <= self.n_rows):
             raise ValueError(f"rows({start}, {end}) must satisfy 0 <= start < end <= {self.n_rows}")
-        shift = torch.tensor([0, start], dtype=torch.int64, device=self.meta.device)
-        return Selection(self.stats, self.meta + shift, end - start, self.config)
+        meta = self.meta.clone()
+        meta[1] += start  # a device op: no host round-trip on CUDA
+        return Selection(self.stats, meta, end - start, self.config)
 
 
 def _selection_config(mode, clip_low, clip_high, clip_cov_fraction, clip_cov_lb, clip_cov_ub,

@@ -31,7 +31,13 @@ Deviations from verl, on purpose:
   CPU and CUDA.
 * KL-Cov breaks ties in ``cov`` by the lower flat index (``torch.topk`` leaves it
   unspecified).
-* An all-masked batch gives loss 0 and a zero gradient instead of NaN.
+* An all-masked batch gives loss 0 and a zero gradient instead of NaN. Masked positions
+  may hold anything (NaN/inf padding included): they never reach the loss or the metrics.
+* The valid-token means of the covariance are float64 sums divided by the count, rounded
+  to float32 (kernels and reference then agree bit for bit on ``cov``).
+* Global selection (``covrl.compute_selection``, opt-in): the means, the denominators and
+  the selection threshold come from the whole mini-batch (all ranks), and tokens are keyed
+  by their global flat index, so the choice does not depend on the micro-batch split.
 * ``seq-mean-*`` aggregations average over sequences that have at least one valid
   token; ``seq-mean-token-sum-norm`` (Dr.GRPO) is ``sum(loss) / (n_seq * norm)`` with
   ``norm = T`` unless ``loss_scale_factor`` is given.

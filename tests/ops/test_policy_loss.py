@@ -412,3 +412,20 @@ def test_cuda_graph_capture_forward_backward(mode):
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_op_and_selection_never_sync(mode):
+    lp, olp, adv, mask = (t.cuda() for t in sample_inputs(8, 256, seed=24))
+    x = lp.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        loss, m = covrl.policy_loss(x, olp, adv, mask, mode=mode, **KW)
+        loss.backward()
+        sel = covrl.compute_selection(lp, olp, adv, mask, mode=mode, **KW)
+        covrl.policy_loss(x[2:6], olp[2:6], adv[2:6], mask[2:6], mode=mode, selection=sel.rows(2, 6), **KW)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
