@@ -236,7 +236,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
   m[kNValid] = static_cast<float>(n_valid_local);
   m[kK] = static_cast<float>(p.mode == kPPO ? 0 : k);
   m[kNonFinite] = 0.f;
-  (void)n_eligible;
   Tensor loss_t = at::scalar_tensor(loss, q.lp.options().dtype(acc_dtype));
   return {loss_t, grad, metrics, selected};
 }

@@ -74,15 +74,6 @@ __device__ void block_sum(double (&v)[N]) {
     }
 }
 
-struct Inputs {
-  const void* lp;
-  const void* olp;
-  const void* adv;
-  const bool* valid;
-  const void* isw;
-  int64_t adv_stride, adv_tstride;
-};
-
 template <typename scalar_t, typename acc_t>
 struct Loader {
   const scalar_t* lp;
