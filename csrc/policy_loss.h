@@ -103,13 +103,15 @@ COVRL_HD acc_t exp_(acc_t x) {
 }
 
 // Everything about one valid token except the covariance selection.
+// `ratio` = exp(lp - olp) when the caller computed it already (the CPU kernel takes it from
+// a vectorised at::exp, the very op the reference uses); otherwise pass a negative value.
 template <typename acc_t>
 COVRL_HD TokenEval<acc_t> eval_token(acc_t lp, acc_t olp, acc_t a, acc_t mean_a, acc_t mean_lp,
-                                     const Params& p) {
+                                     const Params& p, acc_t ratio_in = acc_t(-1)) {
   TokenEval<acc_t> e;
   e.cov = (a - mean_a) * (lp - mean_lp);
   e.delta = lp - olp;
-  const acc_t ratio = exp_(e.delta);
+  const acc_t ratio = ratio_in >= acc_t(0) ? ratio_in : exp_(e.delta);
   const acc_t pg1 = -a * ratio;
   e.clipped = false;
   e.cand = false;

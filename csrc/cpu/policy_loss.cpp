@@ -63,6 +63,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
   const int64_t adv_stride = q.adv_row ? 1 : T;
   const int64_t adv_tstride = q.adv_row ? 0 : 1;
   const int64_t grain = row_grain(T);
+  // exp(lp - olp) for all tokens with ATen's vectorised exp (the op the reference uses).
+  const Tensor ratio_t = at::exp(q.lp.to(acc_dtype) - q.olp);
+  const acc_t* ratio = ratio_t.data_ptr<acc_t>();
 
   // ---- pass A: valid-token sums per row, non-finite check.
   std::vector<double> rsa(B), rsl(B);
@@ -147,7 +150,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
               key = kl_cov_key(static_cast<float>(cov), i);
             } else {
               const auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
-                                               adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p);
+                                               adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p,
+                                               ratio[i]);
               key = token_key(e, i, p);
               if (key == kNotEligible) continue;
             }
@@ -197,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
           continue;
         }
         auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
-                                   adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p);
+                                   adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p, ratio[i]);
         const int64_t key = token_key(e, (row_offset + r) * T + t, p);
         const bool sel = key != kNotEligible && key <= thr;
         apply_selection(e, sel, p);
@@ -281,6 +285,8 @@ Tensor policy_loss_keys_cpu(const Tensor& log_prob, const Tensor& old_log_prob,
     const acc_t* olp = q.olp.data_ptr<acc_t>();
     const acc_t* adv = q.adv.data_ptr<acc_t>();
     const bool* valid = q.valid.data_ptr<bool>();
+    const Tensor ratio_t = at::exp(q.lp.to(q.olp.scalar_type()) - q.olp);  // as in forward_impl
+    const acc_t* ratio = ratio_t.data_ptr<acc_t>();
     const acc_t mean_a = static_cast<acc_t>(s.data_ptr<double>()[0] / nv1);
     const acc_t mean_lp = static_cast<acc_t>(s.data_ptr<double>()[1] / nv1);
     const int64_t as = q.adv_row ? 1 : T, at_ = q.adv_row ? 0 : 1;
@@ -293,7 +299,7 @@ Tensor policy_loss_keys_cpu(const Tensor& log_prob, const Tensor& old_log_prob,
             continue;
           }
           const auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i], adv[r * as + t * at_],
-                                           mean_a, mean_lp, p);
+                                           mean_a, mean_lp, p, ratio[i]);
           kp[i] = token_key(e, (row_offset + r) * T + t, p);
         }
     });
