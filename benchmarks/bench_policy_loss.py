@@ -128,8 +128,11 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth for the roofline (H100 SXM)")
     ap.add_argument("--note", default="", help="free text added to the results file (e.g. machine load)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = args.device
     warnings.filterwarnings("ignore")
     info = covrl.kernel_info()
