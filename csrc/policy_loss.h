@@ -91,6 +91,13 @@ COVRL_HD int64_t kl_cov_key(float cov, int64_t gidx) {
   return (static_cast<int64_t>(desc) << 31) | gidx;
 }
 
+// The mode as a compile-time constant when M >= 0 (the CPU kernel instantiates per mode so
+// the per-token branches on the mode disappear), else the runtime p.mode.
+template <int M>
+COVRL_HD int mode_of(const Params& p) {
+  return M >= 0 ? M : p.mode;
+}
+
 template <typename acc_t>
 struct TokenEval {
   acc_t cov, delta, loss, grad;
@@ -105,7 +112,7 @@ COVRL_HD acc_t exp_(acc_t x) {
 // Everything about one valid token except the covariance selection.
 // `ratio` = exp(lp - olp) when the caller computed it already (the CPU kernel takes it from
 // a vectorised at::exp, the very op the reference uses); otherwise pass a negative value.
-template <typename acc_t>
+template <typename acc_t, int M = -1>
 COVRL_HD TokenEval<acc_t> eval_token(acc_t lp, acc_t olp, acc_t a, acc_t mean_a, acc_t mean_lp,
                                      const Params& p, acc_t ratio_in = acc_t(-1)) {
   TokenEval<acc_t> e;
@@ -117,7 +124,7 @@ COVRL_HD TokenEval<acc_t> eval_token(acc_t lp, acc_t olp, acc_t a, acc_t mean_a,
   e.cand = false;
   e.loss = pg1;
   e.grad = -a * ratio;
-  if (p.mode == kKLCov) return e;
+  if (mode_of<M>(p) == kKLCov) return e;
   const acc_t lo = static_cast<acc_t>(p.lo), hi = static_cast<acc_t>(p.hi);
   const acc_t r2 = ratio < lo ? lo : (ratio > hi ? hi : ratio);
   const acc_t pg2 = -a * r2;
@@ -126,7 +133,7 @@ COVRL_HD TokenEval<acc_t> eval_token(acc_t lp, acc_t olp, acc_t a, acc_t mean_a,
     e.loss = pg2;
     e.grad = acc_t(0);
   }
-  if (p.mode == kPPO && p.has_dual && a < acc_t(0)) {
+  if (mode_of<M>(p) == kPPO && p.has_dual && a < acc_t(0)) {
     const acc_t pg3 = -a * static_cast<acc_t>(p.dual);
     if (pg3 < e.loss) {
       e.loss = pg3;
@@ -135,27 +142,27 @@ COVRL_HD TokenEval<acc_t> eval_token(acc_t lp, acc_t olp, acc_t a, acc_t mean_a,
       e.grad *= acc_t(0.5);  // torch.minimum splits the gradient of a tie
     }
   }
-  if (p.mode == kClipCov)
+  if (mode_of<M>(p) == kClipCov)
     e.cand = !e.clipped && e.cov > static_cast<acc_t>(p.lb) && e.cov < static_cast<acc_t>(p.ub);
   return e;
 }
 
 // Selection key of a valid token, or kNotEligible.
-template <typename acc_t>
+template <int M = -1, typename acc_t>
 COVRL_HD int64_t token_key(const TokenEval<acc_t>& e, int64_t gidx, const Params& p) {
-  if (p.mode == kClipCov) return e.cand ? clip_cov_key(p.seed_hi, gidx) : kNotEligible;
-  if (p.mode == kKLCov) return kl_cov_key(static_cast<float>(e.cov), gidx);
+  if (mode_of<M>(p) == kClipCov) return e.cand ? clip_cov_key(p.seed_hi, gidx) : kNotEligible;
+  if (mode_of<M>(p) == kKLCov) return kl_cov_key(static_cast<float>(e.cov), gidx);
   return kNotEligible;
 }
 
 // Apply the selection to one valid token's loss and gradient.
-template <typename acc_t>
+template <int M = -1, typename acc_t>
 COVRL_HD void apply_selection(TokenEval<acc_t>& e, bool sel, const Params& p) {
   if (!sel) return;
-  if (p.mode == kClipCov) {
+  if (mode_of<M>(p) == kClipCov) {
     e.loss = acc_t(0);
     e.grad = acc_t(0);
-  } else if (p.mode == kKLCov) {
+  } else if (mode_of<M>(p) == kKLCov) {
     const acc_t c = static_cast<acc_t>(p.kl_coef);
     e.loss = e.loss + c * (e.delta < acc_t(0) ? -e.delta : e.delta);
     e.grad = e.grad + (e.delta > acc_t(0) ? c : (e.delta < acc_t(0) ? -c : acc_t(0)));

@@ -188,7 +188,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
   acc_t* g = grad.data_ptr<acc_t>();
   bool* sel_out = selected.data_ptr<bool>();
   std::vector<double> rs(B * kRowStats);
-  at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+  auto rows_c = [&](auto mode_tag, int64_t r0, int64_t r1) {
+    constexpr int M = decltype(mode_tag)::value;
     for (int64_t r = r0; r < r1; ++r) {
       const acc_t scale = static_cast<acc_t>(
           row_scale(p.agg, n_valid, n_seq, static_cast<double>(rn[r]), p.norm));
@@ -200,11 +201,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
           sel_out[i] = false;
           continue;
         }
-        auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
-                                   adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p, ratio[i]);
-        const int64_t key = token_key(e, (row_offset + r) * T + t, p);
+        auto e = eval_token<acc_t, M>(static_cast<acc_t>(lp[i]), olp[i],
+                                      adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p, ratio[i]);
+        const int64_t key = M == kPPO ? kNotEligible : token_key<M>(e, (row_offset + r) * T + t, p);
         const bool sel = key != kNotEligible && key <= thr;
-        apply_selection(e, sel, p);
+        apply_selection<M>(e, sel, p);
         if (isw) {
           e.loss *= isw[i];
           e.grad *= isw[i];
@@ -221,6 +222,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
       }
       std::copy(st, st + kRowStats, rs.begin() + r * kRowStats);
     }
+  };
+  at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+    if (p.mode == kPPO) rows_c(std::integral_constant<int, kPPO>(), r0, r1);
+    else if (p.mode == kClipCov) rows_c(std::integral_constant<int, kClipCov>(), r0, r1);
+    else rows_c(std::integral_constant<int, kKLCov>(), r0, r1);
   });
   double loss = 0, tot[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
   for (int64_t r = 0; r < B; ++r) {
