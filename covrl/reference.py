@@ -275,7 +275,7 @@ def policy_loss(
     pg1 = -adv * ratio
     clipped = torch.zeros_like(valid)
     selected = torch.zeros_like(valid)
-    n_candidates = torch.zeros((), dtype=torch.float32)
+    n_candidates = torch.zeros((), dtype=torch.float32, device=lp.device)
     by_key = None
     if selection_meta is not None and mode != "ppo":
         keys = selection_keys(lp, olp, adv, valid, selection_stats, int(selection_meta[1]), mode=mode,
@@ -297,7 +297,7 @@ def policy_loss(
                 selected = by_key
             else:
                 k = select_count(clip_cov_fraction, n_valid)
-                flat_idx = torch.arange(lp.numel(), dtype=torch.int64).reshape(lp.shape)
+                flat_idx = torch.arange(lp.numel(), dtype=torch.int64, device=lp.device).reshape(lp.shape)
                 keys = random_keys(seed, flat_idx)
                 selected = _smallest_k(keys, cand, k)
             loss_tok = loss_tok * (~selected).float()
