@@ -149,10 +149,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
                                 (static_cast<acc_t>(lp[i]) - mean_lp);
               key = kl_cov_key(static_cast<float>(cov), i);
             } else {
-              const auto e = eval_token<acc_t>(static_cast<acc_t>(lp[i]), olp[i],
-                                               adv[r * adv_stride + t * adv_tstride], mean_a, mean_lp, p,
-                                               ratio[i]);
-              key = token_key(e, i, p);
+              const auto e = eval_token<acc_t, kClipCov>(static_cast<acc_t>(lp[i]), olp[i],
+                                                         adv[r * adv_stride + t * adv_tstride], mean_a,
+                                                         mean_lp, p, ratio[i]);
+              key = token_key<kClipCov>(e, i, p);
               if (key == kNotEligible) continue;
             }
             ++n;
