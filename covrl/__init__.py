@@ -10,8 +10,24 @@ Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
 """
 
 from covrl._ext import kernel_info
-from covrl.ops import fused_policy_loss, logprob_entropy, policy_loss
+from covrl.ops import (
+    Selection,
+    compute_selection,
+    fused_policy_loss,
+    logprob_entropy,
+    policy_loss,
+    policy_loss_selected,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_policy_loss", "kernel_info", "logprob_entropy", "policy_loss", "__version__"]
+__all__ = [
+    "Selection",
+    "compute_selection",
+    "fused_policy_loss",
+    "kernel_info",
+    "logprob_entropy",
+    "policy_loss",
+    "policy_loss_selected",
+    "__version__",
+]
