@@ -424,12 +424,15 @@ class LearnerCore:
         logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
         return covrl.logprob_entropy(logits, pk.labels, temperature=self.config.temperature)
 
-    def _rank_chunks(self, rows: list[int]) -> list[list[int]]:
-        """This rank's micro-batches of ``rows``; every rank gets the same count (maybe empty)."""
+    def _rank_chunks(self, rows: list[int]) -> list[tuple[int, list[int]]]:
+        """This rank's ``(index, micro-batch)`` pairs of ``rows``: consecutive micro-batches
+        dealt round-robin, so their composition does not depend on the world size; every
+        rank gets the same count (an empty micro-batch keeps FSDP's collectives in step)."""
         mbs, w = self.config.micro_batch_size, self.world_size
-        local = rows[self.rank:: w]
-        n_micro = max(1, math.ceil(math.ceil(len(rows) / w) / mbs))
-        return [local[i * mbs: (i + 1) * mbs] for i in range(n_micro)]
+        chunks = [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
+        n_local = math.ceil(len(chunks) / w)
+        mine = list(range(self.rank, len(chunks), w))
+        return [(i, chunks[i]) for i in mine] + [(-1, [])] * (n_local - len(mine))
 
     def _allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -441,8 +444,8 @@ class LearnerCore:
         lp_all = torch.zeros(n, c_max, dtype=torch.float32, device=self.device)
         ent_all = torch.zeros(n, c_max, dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            for chunk in self._rank_chunks(list(range(n))):
-                rows = chunk or [0]  # empty chunk: keep FSDP's collectives in step
+            for _, chunk in self._rank_chunks(list(range(n))):
+                rows = chunk or [0]
                 pk = _pack([batch[r] for r in rows], self.device)
                 lp, ent = self._logits_lp_ent(pk)
                 if chunk:
@@ -450,6 +453,10 @@ class LearnerCore:
                     lp_all[rows, :c] = torch.where(pk.mask, lp, 0.0)
                     ent_all[rows, :c] = torch.where(pk.mask, ent, 0.0)
         return self._allreduce_sum(lp_all), self._allreduce_sum(ent_all)
+
+    def _loss_seed(self, epoch: int, mb_start: int, i_micro: int) -> int:
+        """Clip-Cov's random-pick seed for one micro-batch (independent of the world size)."""
+        return ((((self.config.seed * 1_000_003 + self.step) * 1009 + epoch) * 100_003 + mb_start) * 1009 + i_micro + 1) % 2**62
 
     def _selection(self, rows):
         """Global Clip-Cov / KL-Cov selection over a mini-batch; None = per micro-batch (see docstring)."""
@@ -498,7 +505,7 @@ class LearnerCore:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         mb_size = cfg.mini_batch_size or n
         sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, clip, sel, |dlogp|, n_tok
-        grad_norms, skipped, n_updates, micro_counter = [], 0, 0, 0
+        grad_norms, skipped, n_updates = [], 0, 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=gen).tolist() if cfg.shuffle else list(range(n))
             for start in range(0, n, mb_size):
@@ -509,7 +516,7 @@ class LearnerCore:
                 n_resp_tok = float(resp_mask[mb].sum())
                 sel = self._selection(mb)
                 nonfinite = 0.0
-                for chunk in self._rank_chunks(mb):
+                for i_micro, chunk in self._rank_chunks(mb):
                     rows = chunk or [mb[0]]
                     weight = 1.0 if chunk else 0.0
                     pk = _pack([batch[r] for r in rows], dev)
@@ -526,11 +533,10 @@ class LearnerCore:
                         dual_clip=cfg.dual_clip if cfg.loss_mode == "ppo" else None,
                         clip_cov_fraction=cfg.clip_cov_fraction, clip_cov_lb=cfg.clip_cov_lb,
                         clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
-                        kl_coef=cfg.kl_coef, seed=(cfg.seed * 7919 + self.step * 104_729 + micro_counter) % 2**62,
+                        kl_coef=cfg.kl_coef, seed=self._loss_seed(epoch, start, i_micro),
                         is_weights=is_w, loss_scale_factor=loss_scale_factor,
-                        **({"selection": sel.rows(start, start + len(rows))} if sel is not None else {}),
+                        **({"selection": sel.rows(i_micro * cfg.micro_batch_size, i_micro * cfg.micro_batch_size + len(rows))} if sel is not None else {}),
                     )
-                    micro_counter += 1
                     n_loc_tok = float(m_train.sum())
                     if cfg.agg == "token-mean":
                         share = n_loc_tok / max(n_train_tok, 1.0)
