@@ -346,11 +346,11 @@ class LearnerCore:
             if name == "stop":
                 return
             if name == "train":
-                self._train(payload)
+                self._train(*payload)
             elif name == "logprobs":
                 self._logprobs(payload)
             elif name == "named_tensors":
-                for _ in self._full_state():
+                for _ in self._full_state(params_only=True):
                     pass
             elif name == "save":
                 self._save(payload)
@@ -382,14 +382,47 @@ class LearnerCore:
     def n_pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def n_pending_groups(self) -> int:
+        return len({t.group_id for t in self._pending})
+
     # ------------------------------------------------------------------ train
-    def train_step(self) -> dict[str, float]:
-        """One step over every pending trajectory; returns the metrics dict (see docs/learner.md)."""
+    def train_step(self, *, max_trajectories: int = 0, recompute_old_logprobs: bool | None = None) -> dict[str, float]:
+        """One step over the pending trajectories; returns the metrics dict (see docs/learner.md).
+
+        ``max_trajectories``: train on at most this many, whole groups, oldest first (0 = all);
+        the rest stay pending. ``recompute_old_logprobs``: override the config for this step.
+        """
         if not self._pending:
             raise NothingToTrainError("no trajectories submitted since the last train_step")
-        batch, self._pending = self._pending, []
-        self._command("train", batch)
-        return self._train(batch)
+        recompute = self.config.recompute_old_logprobs if recompute_old_logprobs is None else bool(recompute_old_logprobs)
+        if self.config.tis_cap > 0 and not recompute:
+            raise ValueError("recompute_old_logprobs cannot be turned off while tis_cap > 0")
+        batch = self._take(max_trajectories)
+        self._command("train", (batch, recompute))
+        return self._train(batch, recompute)
+
+    def _take(self, max_trajectories: int) -> list[Trajectory]:
+        if max_trajectories < 0:
+            raise ValueError(f"max_trajectories must be >= 0, got {max_trajectories}")
+        if max_trajectories == 0 or max_trajectories >= len(self._pending):
+            batch, self._pending = self._pending, []
+            return batch
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self._pending):
+            groups.setdefault(t.group_id, []).append(i)
+        take: list[int] = []
+        for rows in groups.values():  # insertion order = oldest first
+            if len(take) + len(rows) > max_trajectories:
+                break
+            take += rows
+        if not take:
+            first = len(next(iter(groups.values())))
+            raise ValueError(f"max_trajectories={max_trajectories} is smaller than the oldest group ({first} trajectories)")
+        chosen = set(take)
+        batch = [self._pending[i] for i in sorted(take)]
+        self._pending = [t for i, t in enumerate(self._pending) if i not in chosen]
+        return batch
 
     def logprobs(self, trajectories) -> tuple[list[list[float]], list[list[float]]]:
         """Log-probs and entropies of each completion token under the current weights (no grad).
@@ -462,7 +495,7 @@ class LearnerCore:
         """Global Clip-Cov / KL-Cov selection over a mini-batch; None = per micro-batch (see docstring)."""
         return None
 
-    def _train(self, batch: list[Trajectory]) -> dict[str, float]:
+    def _train(self, batch: list[Trajectory], recompute: bool) -> dict[str, float]:
         cfg, dev = self.config, self.device
         t0 = time.perf_counter()
         n = len(batch)
@@ -486,13 +519,13 @@ class LearnerCore:
         adv = compute_advantages(cfg.advantage, rewards, [t.group_id for t in batch], **adv_kw).to(dev)
 
         # 3. scoring pass: old log-probs, entropies, the 80/20 token set
-        measured = cfg.recompute_old_logprobs or cfg.entropy_top_quantile > 0
+        measured = recompute or cfg.entropy_top_quantile > 0
         if measured:
             meas_lp, meas_ent = self._scoring_pass(batch, n, c_max)
         else:
             meas_lp = torch.zeros(n, c_max, device=dev)
             meas_ent = torch.zeros(n, c_max, device=dev)
-        old = meas_lp if cfg.recompute_old_logprobs else behaviour  # [N, C]
+        old = meas_lp if recompute else behaviour  # [N, C]
         train_mask = resp_mask
         if cfg.entropy_top_quantile > 0:
             ents = meas_ent[resp_mask]
@@ -620,17 +653,20 @@ class LearnerCore:
         }
 
     # ------------------------------------------------------------------ weights
-    def _full_state(self):
-        """(name, full tensor) over the policy's state dict; collective under FSDP2."""
-        for name, t in self.policy.state_dict().items():
+    def _full_state(self, params_only: bool = False):
+        """(name, full tensor) over the policy's state dict (or parameters); collective under FSDP2."""
+        items = self.policy.named_parameters() if params_only else self.policy.state_dict().items()
+        for name, t in items:
             if hasattr(t, "full_tensor"):
                 t = t.full_tensor()
             yield name, t.detach()
 
     def named_tensors(self):
-        """Yield ``(name, tensor)`` of the full policy weights (HF names) for a weight push."""
+        """Yield ``(name, tensor)`` of the full policy parameters (HF names) for a weight push.
+
+        Under FSDP2 this is collective: consume the whole iterator on rank 0."""
         self._command("named_tensors")
-        yield from self._full_state()
+        yield from self._full_state(params_only=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str) -> str:
