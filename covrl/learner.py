@@ -42,8 +42,8 @@ Deviations, on purpose:
   mask (and so from its denominator). The entropy bonus still covers all response tokens.
 * ``seq-mean-token-sum-norm`` normalises by ``loss_scale_factor`` or, when unset, by the
   longest completion in the batch (not each micro-batch's padded length).
-* The model runs in ``eval()`` mode (no dropout) so its log-probs match the rollout
-  engine's.
+* Dropout is disabled (modules and ``*dropout`` config values set to 0) so the learner's
+  log-probs match the rollout engine's.
 * A mini-batch whose loss or gradient norm is not finite is skipped (gradients dropped,
   no optimizer step) and counted in ``skipped_minibatches``; ``on_nonfinite="raise"``
   raises :class:`NonFiniteLossError` instead. Inputs are validated at :meth:`submit`.
@@ -270,6 +270,16 @@ def _resolve_device(spec: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _disable_dropout(model) -> None:
+    """Zero every dropout probability (modules and ``*dropout`` config floats)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key, value in list(vars(model.config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -299,9 +309,12 @@ class LearnerCore:
 
             model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype])
         model = model.to(device=self.device, dtype=_DTYPES[config.dtype])
+        _disable_dropout(model)  # log-probs must match the rollout engine's
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.eval()  # no dropout: log-probs must match the rollout engine's
+            model.train()  # HF checkpoints activations only in train mode; dropout is off anyway
+        else:
+            model.eval()
         self.vocab_size = int(model.config.vocab_size)
         self.max_len = getattr(model.config, "max_position_embeddings", None)
         if self.world_size > 1:

@@ -101,6 +101,18 @@ def test_micro_batching_does_not_change_the_update(batch, agg):
         torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_update(batch):
+    kw = dict(loss_mode="ppo", adam_eps=1.0, lr=1.0)
+    a, b = core(**kw), core(gradient_checkpointing=True, **kw)
+    for c in (a, b):
+        c.submit(batch)
+    ma, mb = a.train_step(), b.train_step()
+    assert ma["entropy"] == pytest.approx(mb["entropy"], abs=1e-6)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+
+
 def test_deterministic_given_seed(batch):
     kw = dict(loss_mode="clip_cov", clip_cov_fraction=0.2, clip_cov_lb=-10.0, mini_batch_size=4,
               ppo_epochs=2, micro_batch_size=2)

@@ -120,3 +120,16 @@ def test_metrics_stream_replays_history(learner):
     it = lc.metrics(include_history=True, timeout_s=5.0)
     ev = next(it)
     assert ev.step >= 1 and "entropy" in ev.metrics and "cov" in ev.metrics
+
+
+def test_example_config_is_valid():
+    import pathlib
+
+    import yaml
+
+    from covrl.services.learner import _SERVICE_KEYS
+
+    path = pathlib.Path(__file__).parents[2] / "services" / "learner" / "config.example.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= _SERVICE_KEYS
+    LearnerConfig.from_dict(cfg["learner"])
