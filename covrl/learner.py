@@ -122,6 +122,9 @@ class LearnerConfig:
     kl_cov_fraction: float = _f(2e-4, "KL-Cov: fraction of tokens with the KL penalty (a fraction, not %)")
     kl_coef: float = _f(1.0, "KL-Cov: coefficient of |logp - old_logp| on selected tokens")
     loss_scale_factor: float | None = _f(None, "seq-mean-token-sum-norm divisor (default: longest completion)")
+    global_selection: bool = _f(True, "Clip-Cov/KL-Cov select over the whole mini-batch (all ranks) via "
+                                "covrl.compute_selection when it exists (costs one no-grad forward per "
+                                "mini-batch); else within each micro-batch")
     # --- entropy control and off-policy correction
     entropy_coef: float = _f(0.0, "entropy bonus: subtract entropy_coef * token-mean entropy")
     entropy_top_quantile: float = _f(0.0, "80/20: train only on this top fraction of tokens by entropy (0 = all)")
@@ -242,10 +245,12 @@ class _Packed:
     mask: torch.Tensor  # [B, C] bool, True on completion tokens
 
 
-def _pack(trajs: list[Trajectory], device) -> _Packed:
-    """``[left-padded prompt | right-padded completion]``; prompts end at the same column."""
+def _pack(trajs: list[Trajectory], device, width: int = 0) -> _Packed:
+    """``[left-padded prompt | right-padded completion]``; prompts end at the same column.
+
+    Completions are padded to at least ``width`` tokens."""
     p_max = max(len(t.prompt_ids) for t in trajs)
-    c_max = max(len(t.completion_ids) for t in trajs)
+    c_max = max(width, *(len(t.completion_ids) for t in trajs))
     b = len(trajs)
     ids = torch.zeros(b, p_max + c_max, dtype=torch.long)
     am = torch.zeros(b, p_max + c_max, dtype=torch.long)
@@ -504,9 +509,38 @@ class LearnerCore:
         """Clip-Cov's random-pick seed for one micro-batch (independent of the world size)."""
         return ((((self.config.seed * 1_000_003 + self.step) * 1009 + epoch) * 100_003 + mb_start) * 1009 + i_micro + 1) % 2**62
 
-    def _selection(self, rows):
-        """Global Clip-Cov / KL-Cov selection over a mini-batch; None = per micro-batch (see docstring)."""
-        return None
+    def _selection(self, batch, chunks, old, adv, train_mask, c_max, seed):
+        """Global Clip-Cov / KL-Cov selection over this mini-batch (all ranks), or None.
+
+        None means each micro-batch selects on its own: for ``ppo``, with
+        ``global_selection=False``, when ``covrl.compute_selection`` is absent, or when one
+        process sees the whole mini-batch in a single micro-batch (already global).
+        ``chunks``: this rank's ``(index, rows)`` micro-batches; the selection covers their
+        rows concatenated in that order, each padded to ``c_max`` completion tokens.
+        """
+        cfg = self.config
+        compute = getattr(covrl, "compute_selection", None)
+        local = [rows for _, rows in chunks if rows]
+        if cfg.loss_mode == "ppo" or not cfg.global_selection or compute is None:
+            return None
+        if self.world_size == 1 and len(local) <= 1:
+            return None
+        rows = [r for chunk in local for r in chunk]
+        lp = torch.zeros(len(rows), c_max, dtype=torch.float32, device=self.device)  # [R, C]
+        with torch.no_grad():
+            at = 0
+            for _, chunk in chunks:
+                pk = _pack([batch[r] for r in (chunk or [0])], self.device, width=c_max)
+                cur, _ = self._logits_lp_ent(pk)
+                if chunk:
+                    lp[at: at + len(chunk)] = torch.where(pk.mask, cur, 0.0)
+                    at += len(chunk)
+        return compute(
+            lp, old[rows], adv[rows][:, None].expand_as(lp), train_mask[rows], mode=cfg.loss_mode,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_cov_fraction=cfg.clip_cov_fraction,
+            clip_cov_lb=cfg.clip_cov_lb, clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
+            seed=seed, process_group=dist.group.WORLD if self.world_size > 1 else None,
+        )
 
     def _train(self, batch: list[Trajectory], recompute: bool) -> dict[str, float]:
         cfg, dev = self.config, self.device
@@ -560,12 +594,14 @@ class LearnerCore:
                 n_train_tok = float(tok_mask.sum())
                 n_seq = float((tok_mask.sum(-1) > 0).sum())
                 n_resp_tok = float(resp_mask[mb].sum())
-                sel = self._selection(mb)
+                chunks = self._rank_chunks(mb)
+                sel = self._selection(batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0))
+                sel_at = 0  # this rank's row offset into the selection
                 nonfinite = 0.0
-                for i_micro, chunk in self._rank_chunks(mb):
+                for i_micro, chunk in chunks:
                     rows = chunk or [mb[0]]
                     weight = 1.0 if chunk else 0.0
-                    pk = _pack([batch[r] for r in rows], dev)
+                    pk = _pack([batch[r] for r in rows], dev, width=c_max if sel is not None else 0)
                     c = pk.labels.shape[1]
                     lp, ent = self._logits_lp_ent(pk)  # [b, c]
                     m_train = train_mask[rows, :c]
@@ -573,18 +609,23 @@ class LearnerCore:
                     is_w = None
                     if cfg.tis_cap > 0:
                         is_w = torch.exp(old_c - behaviour[rows, :c]).clamp(max=cfg.tis_cap)
+                    sel_rows = None
+                    if sel is not None and chunk:
+                        sel_rows, sel_at = sel.rows(sel_at, sel_at + len(chunk)), sel_at + len(chunk)
                     pg, m = covrl.policy_loss(
                         lp, old_c, adv[rows][:, None].expand_as(lp), m_train,
                         mode=cfg.loss_mode, agg=cfg.agg, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         dual_clip=cfg.dual_clip if cfg.loss_mode == "ppo" else None,
                         clip_cov_fraction=cfg.clip_cov_fraction, clip_cov_lb=cfg.clip_cov_lb,
-                        clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
-                        kl_coef=cfg.kl_coef, seed=self._loss_seed(epoch, start, i_micro),
+                        clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction, kl_coef=cfg.kl_coef,
+                        seed=self._loss_seed(epoch, start, 0 if sel is not None else i_micro),
                         is_weights=is_w, loss_scale_factor=loss_scale_factor,
-                        **({"selection": sel.rows(i_micro * cfg.micro_batch_size, i_micro * cfg.micro_batch_size + len(rows))} if sel is not None else {}),
+                        **({"selection": sel_rows} if sel_rows is not None else {}),
                     )
                     n_loc_tok = float(m_train.sum())
-                    if cfg.agg == "token-mean":
+                    if sel_rows is not None:
+                        share = 1.0  # the selection carries the mini-batch's global denominators
+                    elif cfg.agg == "token-mean":
                         share = n_loc_tok / max(n_train_tok, 1.0)
                     else:
                         share = float((m_train.sum(-1) > 0).sum()) / max(n_seq, 1.0)
