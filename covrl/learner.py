@@ -57,12 +57,17 @@ the global token counts, so the update equals a single process's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
+
+# LearnerConfig fields a single train_step may override (``loss_overrides``).
+OVERRIDABLE = ("clip_low", "clip_high", "dual_clip", "clip_cov_fraction", "clip_cov_lb", "clip_cov_ub",
+               "kl_cov_fraction", "kl_coef", "entropy_coef", "entropy_top_quantile", "tis_cap")
 
 import torch
 import torch.distributed as dist
@@ -405,20 +410,34 @@ class LearnerCore:
         return len({t.group_id for t in self._pending})
 
     # ------------------------------------------------------------------ train
-    def train_step(self, *, max_trajectories: int = 0, recompute_old_logprobs: bool | None = None) -> dict[str, float]:
+    def train_step(self, *, max_trajectories: int = 0, recompute_old_logprobs: bool | None = None,
+                   loss_overrides: dict[str, float] | None = None) -> dict[str, float]:
         """One step over the pending trajectories; returns the metrics dict (see docs/learner.md).
 
         ``max_trajectories``: train on at most this many, whole groups, oldest first (0 = all);
         the rest stay pending. ``recompute_old_logprobs``: override the config for this step.
+        ``loss_overrides``: loss settings for this step only ({field: value}, fields in
+        :data:`OVERRIDABLE`), e.g. an entropy controller's ``{"kl_coef": 2.3}``.
         """
         if not self._pending:
             raise NothingToTrainError("no trajectories submitted since the last train_step")
-        recompute = self.config.recompute_old_logprobs if recompute_old_logprobs is None else bool(recompute_old_logprobs)
-        if self.config.tis_cap > 0 and not recompute:
-            raise ValueError("recompute_old_logprobs cannot be turned off while tis_cap > 0")
+        cfg = self._step_config(recompute_old_logprobs, loss_overrides)
         batch = self._take(max_trajectories)
-        self._command("train", (batch, recompute))
-        return self._train(batch, recompute)
+        self._command("train", (batch, cfg))
+        return self._train(batch, cfg)
+
+    def _step_config(self, recompute, overrides) -> LearnerConfig:
+        """This step's config: the learner's, with the per-step overrides applied and validated."""
+        overrides = dict(overrides or {})
+        bad = sorted(set(overrides) - set(OVERRIDABLE))
+        if bad:
+            raise ValueError(f"loss_overrides: {bad} cannot be overridden per step; allowed: {list(OVERRIDABLE)}")
+        for k, v in overrides.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"loss_overrides[{k!r}] must be a finite number, got {v!r}")
+        if recompute is not None:
+            overrides["recompute_old_logprobs"] = bool(recompute)
+        return dataclasses.replace(self.config, **overrides) if overrides else self.config  # validates
 
     def _take(self, max_trajectories: int) -> list[Trajectory]:
         if max_trajectories < 0:
@@ -509,7 +528,7 @@ class LearnerCore:
         """Clip-Cov's random-pick seed for one micro-batch (independent of the world size)."""
         return ((((self.config.seed * 1_000_003 + self.step) * 1009 + epoch) * 100_003 + mb_start) * 1009 + i_micro + 1) % 2**62
 
-    def _selection(self, batch, chunks, old, adv, train_mask, c_max, seed):
+    def _selection(self, cfg, batch, chunks, old, adv, train_mask, c_max, seed):
         """Global Clip-Cov / KL-Cov selection over this mini-batch (all ranks), or None.
 
         None means each micro-batch selects on its own: for ``ppo``, with
@@ -518,7 +537,6 @@ class LearnerCore:
         ``chunks``: this rank's ``(index, rows)`` micro-batches; the selection covers their
         rows concatenated in that order, each padded to ``c_max`` completion tokens.
         """
-        cfg = self.config
         compute = getattr(covrl, "compute_selection", None)
         local = [rows for _, rows in chunks if rows]
         if cfg.loss_mode == "ppo" or not cfg.global_selection or compute is None:
@@ -542,8 +560,9 @@ class LearnerCore:
             seed=seed, process_group=dist.group.WORLD if self.world_size > 1 else None,
         )
 
-    def _train(self, batch: list[Trajectory], recompute: bool) -> dict[str, float]:
-        cfg, dev = self.config, self.device
+    def _train(self, batch: list[Trajectory], cfg: LearnerConfig) -> dict[str, float]:
+        dev = self.device
+        recompute = cfg.recompute_old_logprobs
         t0 = time.perf_counter()
         n = len(batch)
         c_max = max(len(t.completion_ids) for t in batch)
@@ -595,7 +614,7 @@ class LearnerCore:
                 n_seq = float((tok_mask.sum(-1) > 0).sum())
                 n_resp_tok = float(resp_mask[mb].sum())
                 chunks = self._rank_chunks(mb)
-                sel = self._selection(batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0))
+                sel = self._selection(cfg, batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0))
                 sel_at = 0  # this rank's row offset into the selection
                 nonfinite = 0.0
                 for i_micro, chunk in chunks:
@@ -612,6 +631,15 @@ class LearnerCore:
                     sel_rows = None
                     if sel is not None and chunk:
                         sel_rows, sel_at = sel.rows(sel_at, sel_at + len(chunk)), sel_at + len(chunk)
+                    if not bool(torch.isfinite(torch.where(m_train, lp.detach() + old_c, 0.0)).all()):
+                        # A diverged model: skip this mini-batch (backward still runs, keeping
+                        # FSDP's collectives in step; its gradients are dropped below).
+                        nonfinite = 1.0
+                        (lp.sum() * 0.0).backward()
+                        if epoch == 0 and not measured and chunk:
+                            meas_lp[rows] = float("nan")
+                            meas_ent[rows] = float("nan")
+                        continue
                     pg, m = covrl.policy_loss(
                         lp, old_c, adv[rows][:, None].expand_as(lp), m_train,
                         mode=cfg.loss_mode, agg=cfg.agg, clip_low=cfg.clip_low, clip_high=cfg.clip_high,

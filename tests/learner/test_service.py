@@ -88,7 +88,13 @@ def test_bad_input_gets_the_right_status_and_server_keeps_serving(learner, rollo
         lc.register_rollout_server("not an address")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert lc.submit_rollouts([good]).accepted == 1
-    lc.train(skip_push=True)
+    from covrl._proto.v1 import learner_pb2
+
+    with pytest.raises(grpc.RpcError) as e:
+        lc.stub.Train(learner_pb2.TrainRequest(skip_push=True, loss_overrides={"lr": 1.0}), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "loss_overrides" in e.value.details()
+    resp = lc.stub.Train(learner_pb2.TrainRequest(skip_push=True, loss_overrides={"entropy_coef": 0.1}), timeout=60)
+    assert resp.weight_version == 1
 
 
 def test_train_pushes_weights_and_streams_metrics(learner, rollout, tmp_path):
