@@ -65,16 +65,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-# LearnerConfig fields a single train_step may override (``loss_overrides``).
-OVERRIDABLE = ("clip_low", "clip_high", "dual_clip", "clip_cov_fraction", "clip_cov_lb", "clip_cov_ub",
-               "kl_cov_fraction", "kl_coef", "entropy_coef", "entropy_top_quantile", "tis_cap")
-
 import torch
 import torch.distributed as dist
 
 import covrl
 from covrl import reference
 from covrl.advantages import ESTIMATORS, compute_advantages
+
+# LearnerConfig fields a single train_step may override (``loss_overrides``).
+OVERRIDABLE = ("clip_low", "clip_high", "dual_clip", "clip_cov_fraction", "clip_cov_lb", "clip_cov_ub",
+               "kl_cov_fraction", "kl_coef", "entropy_coef", "entropy_top_quantile", "tis_cap")
 
 
 class NonFiniteLossError(FloatingPointError):
