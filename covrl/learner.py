@@ -33,9 +33,12 @@ the pre-update weights).
 
 Deviations, on purpose:
 
-* Clip-Cov / KL-Cov select their tokens within each micro-batch (``covrl.policy_loss``
-  sees one micro-batch). With ``micro_batch_size >= mini_batch_size`` this equals the
-  paper. The centring means of the covariance are the micro-batch's too.
+* Clip-Cov / KL-Cov token selection: with ``global_selection`` (default) and
+  ``covrl.compute_selection`` available (the ``loss`` branch), the selection and the
+  covariance's centring means are computed over the whole mini-batch across all ranks, from
+  one extra no-grad forward per mini-batch (the current weights, as the paper). Without
+  it, each micro-batch selects on its own (``covrl.policy_loss`` sees one micro-batch); with
+  ``micro_batch_size >= mini_batch_size`` on one process both equal the paper.
 * 80/20 (Wang et al. 2025, "Beyond the 80/20 rule"): the top-``entropy_top_quantile``
   tokens by entropy are chosen once per step over the whole batch from the scoring pass
   (pre-update weights), not per mini-batch; other tokens are dropped from the loss's
