@@ -208,6 +208,12 @@ class Trajectory:
         if isinstance(t, Trajectory):
             return t
         if isinstance(t, dict):
+            known = {f.name for f in fields(cls)}
+            missing = sorted({"prompt_ids", "completion_ids", "logprobs", "reward"} - set(t))
+            if set(t) - known or missing:
+                raise ValueError(f"trajectory keys must be some of {sorted(known)} including "
+                                 f"{['prompt_ids', 'completion_ids', 'logprobs', 'reward']}; "
+                                 f"unknown {sorted(set(t) - known)}, missing {missing}")
             return cls(**t)
         return cls(
             prompt_ids=list(t.prompt_ids), completion_ids=list(t.completion_ids),

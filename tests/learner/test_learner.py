@@ -229,6 +229,14 @@ def test_submit_rejects_bad_input_atomically(batch, field, value, match):
     assert c.n_pending == 0
 
 
+def test_submit_rejects_unknown_keys(batch):
+    c = core()
+    with pytest.raises(ValueError, match="unknown .'advantage'."):
+        c.submit([dict(batch[0], advantage=1.0)])
+    with pytest.raises(ValueError, match="missing .'reward'."):
+        c.submit([{k: v for k, v in batch[0].items() if k != "reward"}])
+
+
 def test_submit_limits_pending(batch):
     c = core(max_pending_trajectories=10)
     c.submit(batch)
