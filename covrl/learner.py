@@ -537,7 +537,7 @@ class LearnerCore:
         """Clip-Cov's random-pick seed for one micro-batch (independent of the world size)."""
         return ((((self.config.seed * 1_000_003 + self.step) * 1009 + epoch) * 100_003 + mb_start) * 1009 + i_micro + 1) % 2**62
 
-    def _selection(self, cfg, batch, chunks, old, adv, train_mask, c_max, seed):
+    def _selection(self, cfg, batch, chunks, old, adv, train_mask, c_max, seed, current_lp=None):
         """Global Clip-Cov / KL-Cov selection over this mini-batch (all ranks), or None.
 
         None means each micro-batch selects on its own: for ``ppo``, with
@@ -545,6 +545,8 @@ class LearnerCore:
         process sees the whole mini-batch in a single micro-batch (already global).
         ``chunks``: this rank's ``(index, rows)`` micro-batches; the selection covers their
         rows concatenated in that order, each padded to ``c_max`` completion tokens.
+        ``current_lp`` [N, C]: log-probs already known under the current weights (the
+        scoring pass, before the first update), which saves the extra forward.
         """
         compute = getattr(covrl, "compute_selection", None)
         local = [rows for _, rows in chunks if rows]
@@ -553,6 +555,8 @@ class LearnerCore:
         if self.world_size == 1 and len(local) <= 1:
             return None
         rows = [r for chunk in local for r in chunk]
+        if current_lp is not None:
+            return self._compute_selection(compute, cfg, current_lp[rows], old, adv, train_mask, rows, seed)
         lp = torch.zeros(len(rows), c_max, dtype=torch.float32, device=self.device)  # [R, C]
         with torch.no_grad():
             at = 0
@@ -562,6 +566,9 @@ class LearnerCore:
                 if chunk:
                     lp[at: at + len(chunk)] = torch.where(pk.mask, cur, 0.0)
                     at += len(chunk)
+        return self._compute_selection(compute, cfg, lp, old, adv, train_mask, rows, seed)
+
+    def _compute_selection(self, compute, cfg, lp, old, adv, train_mask, rows, seed):
         return compute(
             lp, old[rows], adv[rows][:, None].expand_as(lp), train_mask[rows], mode=cfg.loss_mode,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_cov_fraction=cfg.clip_cov_fraction,
@@ -623,7 +630,9 @@ class LearnerCore:
                 n_seq = float((tok_mask.sum(-1) > 0).sum())
                 n_resp_tok = float(resp_mask[mb].sum())
                 chunks = self._rank_chunks(mb)
-                sel = self._selection(cfg, batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0))
+                fresh = measured and n_updates == 0 and skipped == 0  # no update yet: meas_lp is current
+                sel = self._selection(cfg, batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0),
+                                      current_lp=meas_lp if fresh else None)
                 sel_at = 0  # this rank's row offset into the selection
                 nonfinite = 0.0
                 for i_micro, chunk in chunks:

@@ -103,11 +103,12 @@ def test_micro_batching_does_not_change_the_update(batch, agg):
 
 
 @pytest.mark.skipif(not hasattr(covrl, "compute_selection"), reason="needs covrl.compute_selection (loss branch)")
-@pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
-def test_global_selection_is_micro_batch_invariant(batch, mode):
-    # One micro-batch selects locally (which is global); 1-row micro-batches use compute_selection.
+@pytest.mark.parametrize("mode,recompute", [("kl_cov", True), ("clip_cov", True), ("kl_cov", False)])
+def test_global_selection_is_micro_batch_invariant(batch, mode, recompute):
+    # One micro-batch selects locally (which is global); 1-row micro-batches use compute_selection
+    # on the scoring pass's log-probs (recompute) or on an extra no-grad forward.
     kw = dict(loss_mode=mode, kl_cov_fraction=0.1, clip_cov_fraction=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0,
-              adam_eps=1.0, lr=1.0, shuffle=False, recompute_old_logprobs=True, kl_coef=5.0)
+              adam_eps=1.0, lr=1.0, shuffle=False, recompute_old_logprobs=recompute, kl_coef=5.0)
     a, b = core(micro_batch_size=1, **kw), core(micro_batch_size=8, **kw)
     for c in (a, b):
         c.submit(batch)
