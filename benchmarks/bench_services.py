@@ -94,7 +94,8 @@ def bench_weight_sync(reps: int, chunk_sizes: list[int]) -> list[dict]:
     try:
         client = RolloutClient(server.address, timeout_s=600)
         client.wait_ready(60)
-        version = 0
+        version = 1
+        client.update_weights(tensors, version=version)  # warm-up: first-touch of the server's buffers
         for chunk in chunk_sizes:
             times = []
             for _ in range(reps):
