@@ -5,8 +5,8 @@
    with ``RolloutClient.update_weights``; GB/s = tensor bytes / wall time of the call
    (chunking, loopback transfer, staging, validation and the atomic swap included).
    Baseline in the same run: ``engine.update_weights`` in process (a plain copy).
-2. Rollout: the same generation request through the service (server in another process,
-   same engine settings) vs ``engine.generate`` in process; runs interleaved, medians.
+2. Rollout: the same generation request through the service vs ``engine.generate`` called
+   directly on the same engine object inside the server process (no gRPC); interleaved, medians.
 
     python benchmarks/bench_services.py [--quick] [--out benchmarks/results/services_cpu.md]
 """
@@ -56,7 +56,13 @@ def _serve_child(conn, arch: dict, threads: int, max_message_bytes: int):
     engine = build_engine(arch, threads)
     srv = start_server([rollout_binding(RolloutServicer(engine))], ServerConfig(max_message_bytes=max_message_bytes))
     conn.send(srv.address)
-    conn.recv()  # any message: stop
+    while True:  # ("generate", prompts, params): time the same engine in process; anything else: stop
+        msg = conn.recv()
+        if not (isinstance(msg, tuple) and msg[0] == "generate"):
+            break
+        t0 = time.perf_counter()
+        out = engine.generate(msg[1], msg[2])
+        conn.send((time.perf_counter() - t0, [s.token_ids for r in out for s in r.samples]))
     srv.stop(0)
 
 
@@ -67,6 +73,11 @@ class ServerProcess:
         self.proc = ctx.Process(target=_serve_child, args=(child, arch, threads, max_message_bytes), daemon=True)
         self.proc.start()
         self.address = self.conn.recv()
+
+    def generate_in_process(self, prompts, params):
+        """(seconds, token ids) of ``engine.generate`` inside the server process, bypassing gRPC."""
+        self.conn.send(("generate", prompts, params))
+        return self.conn.recv()
 
     def close(self):
         self.conn.send("stop")
@@ -114,10 +125,10 @@ def bench_weight_sync(reps: int, chunk_sizes: list[int]) -> list[dict]:
 
 
 def bench_rollout(reps: int, prompts_n: int, new_tokens: int) -> list[dict]:
+    """Same engine object: timed in the server process directly vs through the gRPC service."""
     from covrl.client import RolloutClient
     from covrl.engines.base import SamplingParams
 
-    engine = build_engine(ROLLOUT_MODEL, threads=1)
     prompts = [[4 + (i * 7 + j) % 90 for j in range(16 + i % 8)] for i in range(prompts_n)]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=new_tokens, seed=0)
     server = ServerProcess(ROLLOUT_MODEL, threads=1)
@@ -125,24 +136,25 @@ def bench_rollout(reps: int, prompts_n: int, new_tokens: int) -> list[dict]:
     try:
         client = RolloutClient(server.address, timeout_s=600)
         client.wait_ready(60)
-        engine.generate(prompts[:2], params)  # warm up both sides
+        server.generate_in_process(prompts[:2], params)  # warm up both paths
         client.generate(prompts[:2], params)
         for _ in range(reps):  # interleaved so load changes hit both equally
-            t0 = time.perf_counter()
-            a = engine.generate(prompts, params)
-            local.append(time.perf_counter() - t0)
+            s, local_tokens = server.generate_in_process(prompts, params)
+            local.append(s)
             t0 = time.perf_counter()
             b = client.generate(prompts, params)
             remote.append(time.perf_counter() - t0)
-            assert [s.token_ids for r in a for s in r.samples] == [s.token_ids for r in b for s in r.samples]
+            assert local_tokens == [x.token_ids for r in b for x in r.samples]  # same work both ways
         client.close()
     finally:
         server.close()
-    tokens = sum(len(s.token_ids) for r in a for s in r.samples)
+    tokens = sum(len(t) for t in local_tokens)
     lo, re_ = statistics.median(local), statistics.median(remote)
     return [
-        dict(case="in-process engine.generate (baseline)", s=lo, tok_s=tokens / lo, ratio=1.0, tokens=tokens),
-        dict(case="RolloutClient.generate via gRPC service", s=re_, tok_s=tokens / re_, ratio=re_ / lo, tokens=tokens),
+        dict(case="engine.generate in the server process (baseline)", s=lo, tok_s=tokens / lo, ratio=1.0,
+             tokens=tokens),
+        dict(case="RolloutClient.generate via the gRPC service", s=re_, tok_s=tokens / re_, ratio=re_ / lo,
+             tokens=tokens),
     ]
 
 
@@ -158,12 +170,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     reps = 2 if args.quick else 5
     sync = bench_weight_sync(reps, [1 * 2**20, 4 * 2**20, 16 * 2**20])
-    roll = bench_rollout(reps, prompts_n=8, new_tokens=32 if args.quick else 64)
+    roll = bench_rollout(reps + 2, prompts_n=8, new_tokens=32 if args.quick else 64)
     lines = [
         "# covrl services benchmark",
         "",
         f"Machine: {machine()}. Shared with other jobs while measured: treat as indicative.",
-        f"Command: `python benchmarks/bench_services.py{' --quick' if args.quick else ''}` (medians of {reps} runs).",
+        f"Command: `python benchmarks/bench_services.py{' --quick' if args.quick else ''}` (medians of {reps} weight pushes "
+        f"per chunk size and {reps + 2} interleaved rollout pairs).",
         "",
         "## Weight sync over loopback (SmolLM2-135M architecture, random fp32 weights)",
         "",
@@ -174,7 +187,7 @@ def main(argv=None) -> int:
               for r in sync]
     lines += [
         "",
-        f"## Rollout: gRPC service vs in-process (same TransformersEngine settings; 8 prompts x n=4, "
+        f"## Rollout: gRPC service vs in-process (same TransformersEngine object; 8 prompts x n=4, "
         f"{roll[0]['tokens']} generated tokens per run)",
         "",
         "| path | seconds | tokens/s | time vs in-process |",
