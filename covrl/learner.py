@@ -612,8 +612,13 @@ class LearnerCore:
         if cfg.entropy_top_quantile > 0:
             ents = meas_ent[resp_mask]
             k = max(1, math.ceil(cfg.entropy_top_quantile * ents.numel()))
-            thresh = torch.topk(ents, k).values[-1]
-            train_mask = resp_mask & (meas_ent >= thresh)
+            # exactly k tokens: ties (identical prefixes give bit-identical entropies) go to
+            # the lower flat index, so the 80/20 share never drifts above the quantile
+            top = torch.sort(ents, descending=True, stable=True).indices[:k]
+            keep = torch.zeros_like(ents, dtype=torch.bool)
+            keep[top] = True
+            train_mask = torch.zeros_like(resp_mask)
+            train_mask[resp_mask] = keep
         loss_scale_factor = cfg.loss_scale_factor or float(c_max)
 
         # 4. epochs -> mini-batches -> micro-batches
