@@ -126,7 +126,7 @@ class Verifier:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["covrl.rewards._worker"])
+        self._ctx.set_forkserver_preload(["covrl.rewards._worker", "covrl.rewards._preload"])
         self._pool: list[_Worker] = [self._start_worker() for _ in range(workers)]
 
     # ---------------------------------------------------------------- lifecycle
@@ -216,7 +216,12 @@ class Verifier:
             with self._lock:
                 if self._closed:
                     raise RuntimeError("Verifier is closed")
-                outcomes = self._run(jobs)
+                try:
+                    outcomes = self._run(jobs)
+                finally:  # interrupted (KeyboardInterrupt, a bug): no job may leak into the next batch
+                    for i, w in enumerate(self._pool):
+                        if w.job is not None:
+                            self._replace(i)
             for (key, _, _), (status, reward, detail) in zip(jobs, outcomes, strict=True):
                 if status in CACHED_STATUSES:
                     self._cache_put(key, (reward, status, detail))
@@ -326,20 +331,19 @@ class Verifier:
 
             for i, w in enumerate(self._pool):
                 if w.conn in ready:
-                    try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                    if msg is None:  # the pipe closed: the process is gone
-                        failed_starts += not w.ready
-                        self._worker_died(i, finish, pending, retried)
-                    elif msg[0] == "ready":
-                        w.ready, failed_starts = True, 0
-                    elif msg[0] == "started" and msg[1] == w.job:
-                        w.started = True
-                    elif msg[0] == "done" and msg[1] == w.job:
-                        finish(w.job, msg[2], msg[3], msg[4])
-                        w.job = None
+                    # drain everything the worker sent, so a result that arrived in time is not
+                    # mistaken for a timeout below
+                    for msg in self._drain(w):
+                        if msg is None:  # the pipe closed: the process is gone
+                            failed_starts += not w.ready
+                            self._worker_died(i, finish, pending, retried)
+                        elif msg[0] == "ready":
+                            w.ready, failed_starts = True, 0
+                        elif msg[0] == "started" and msg[1] == w.job:
+                            w.started = True
+                        elif msg[0] == "done" and msg[1] == w.job:
+                            finish(w.job, msg[2], msg[3], msg[4])
+                            w.job = None
                 elif w.proc.sentinel in ready:
                     failed_starts += not w.ready
                     self._worker_died(i, finish, pending, retried)
@@ -358,6 +362,18 @@ class Verifier:
                 while pending:
                     finish(pending.popleft(), "error", 0.0, "reward workers failed to start")
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _drain(w: _Worker):
+        """Messages waiting on ``w``'s pipe; ``None`` last if the pipe is closed."""
+        while True:
+            try:
+                yield w.conn.recv()
+                if not w.conn.poll(0):
+                    return
+            except (EOFError, OSError):
+                yield None
+                return
 
     def _worker_died(self, i: int, finish, pending: collections.deque, retried: set[int]) -> None:
         """A worker is gone. Its job fails with "error" if the worker had started it; a job it
