@@ -23,6 +23,7 @@ def test_round_trip_any_chunk_size(chunk_bytes, writable):
     encoded = list(iter_encoded_chunks(TENSORS, 9, chunk_bytes=chunk_bytes))
     plain = list(iter_tensor_chunks(TENSORS, 9, chunk_bytes=chunk_bytes))
     assert [rollout_pb2.TensorChunk.FromString(e) for e in encoded] == plain
+    assert [c.last for c in plain] == [False] * (len(plain) - 1) + [True]
     asm = TensorAssembler()
     for c in plain:
         asm.add(c)
@@ -57,6 +58,10 @@ def test_rejections():
         asm.add(rollout_pb2.TensorChunk(name="x", dtype="float32", shape=[2], offset_bytes=4, data=b"\0" * 8))
     with pytest.raises(ResourceExhausted):
         TensorAssembler(max_total_bytes=10).add(rollout_pb2.TensorChunk(name="x", dtype="float32", shape=[3]))
+    cut = TensorAssembler()
+    cut.add(rollout_pb2.TensorChunk(name="x", dtype="float32", shape=[1], data=b"\0" * 4))
+    with pytest.raises(InvalidArgument, match="marked last"):
+        cut.finish()
     inf = TensorAssembler()
     for c in iter_tensor_chunks({"x": torch.tensor([1.0, float("inf")])}):
         inf.add(c)
