@@ -384,8 +384,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   Tensor grad = at::empty({B, T}, opts.dtype(acc));
   Tensor metrics = at::zeros({kNumMetrics}, opts.dtype(at::kFloat));
   Tensor selected = at::empty({B, T}, opts.dtype(at::kBool));
-  const double* st = sel_stats.has_value() ? sel_stats->data_ptr<double>() : nullptr;
-  const int64_t* mt = sel_meta.has_value() ? sel_meta->data_ptr<int64_t>() : nullptr;
+  // contiguous, like the CPU kernel: the kernels read elements [0], [1], ... of these
+  const Tensor st_c = sel_stats.has_value() ? sel_stats->contiguous() : Tensor();
+  const Tensor mt_c = sel_meta.has_value() ? sel_meta->contiguous() : Tensor();
+  const double* st = st_c.defined() ? st_c.data_ptr<double>() : nullptr;
+  const int64_t* mt = mt_c.defined() ? mt_c.data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B == 0) return {loss.zero_(), grad, metrics, selected};
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
@@ -432,7 +435,8 @@ Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob,
   Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
   DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  init_keys_state<<<1, 1, 0, stream>>>(sel_stats.data_ptr<double>(), sel_meta.data_ptr<int64_t>(), s);
+  const Tensor st_c = sel_stats.contiguous(), mt_c = sel_meta.contiguous();
+  init_keys_state<<<1, 1, 0, stream>>>(st_c.data_ptr<double>(), mt_c.data_ptr<int64_t>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_keys_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
