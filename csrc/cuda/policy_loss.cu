@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -39,6 +40,7 @@ namespace {
 
 using at::Tensor;
 using namespace pl;
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kBins = 256;  // 8-bit radix digits
@@ -217,7 +219,12 @@ __global__ void filter(const int64_t* in, const unsigned long long* in_count, in
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t key = in[i];
     if (key == kNotEligible || (key >> (shift + 8)) != want) continue;
-    out[atomicAdd(&s->count[out_slot], 1ull)] = key;
+    // One atomic per warp, not per key: round 1 keeps the whole top-digit bin of the k-th
+    // key (~10% of the tokens for KL-Cov covariances), all on this one counter.
+    const auto g = cg::coalesced_threads();
+    unsigned long long pos = 0;
+    if (g.thread_rank() == 0) pos = atomicAdd(&s->count[out_slot], static_cast<unsigned long long>(g.size()));
+    out[g.shfl(pos, 0) + g.thread_rank()] = key;
     atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
   }
   __syncthreads();
