@@ -36,7 +36,8 @@ class Example:
     prompt: str | list[dict]
     ground_truth: str
     task: str
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # where the row came from (not sent anywhere)
+    reward_meta: dict = field(default_factory=dict)  # metadata for the verifier (countdown: numbers)
 
     def messages(self, system_prompt: str = "") -> list[dict]:
         if isinstance(self.prompt, str):
@@ -147,8 +148,10 @@ def parse_row(row: Any, *, where: str, cfg: DataConfig, default_task: str, uid: 
     task = _get_path(row, cfg.reward_task_key) if cfg.reward_task_key else None
     if task is not None and not isinstance(task, str):
         raise DataError(f"{where}: field '{cfg.reward_task_key}': expected a string, got {type(task).__name__}")
+    extra = _get_path(row, "extra_info")
+    reward_meta = extra if isinstance(extra, dict) else {}
     return Example(uid=uid, prompt=prompt, ground_truth=gt, task=task or default_task,
-                   meta={"source": where})
+                   meta={"source": where}, reward_meta=reward_meta)
 
 
 def load_file(path: str, cfg: DataConfig, default_task: str) -> tuple[list[Example], int, list[str]]:
@@ -186,7 +189,7 @@ def _arithmetic(rng: random.Random, cfg: DataConfig) -> tuple[str, str]:
     q = f"What is {expr}?"
     if cfg.instruction:
         q += " " + cfg.instruction
-    return q, str(value)
+    return q, str(value), {}
 
 
 def _countdown(rng: random.Random, cfg: DataConfig) -> tuple[str, str]:
@@ -202,7 +205,7 @@ def _countdown(rng: random.Random, cfg: DataConfig) -> tuple[str, str]:
             break
     q = (f"Using the numbers {nums}, create an equation that equals {value}. Use each number exactly "
          f"once, with + - * / and parentheses. Give the equation inside <answer></answer>.")
-    return q, json.dumps({"target": value, "numbers": nums})
+    return q, str(value), {"numbers": nums, "target": value}
 
 
 SYNTHETIC_TASKS = {"arithmetic": _arithmetic, "countdown": _countdown}
@@ -216,19 +219,19 @@ def synthetic(cfg: DataConfig, task: str | None = None) -> tuple[list[Example], 
     gen = SYNTHETIC_TASKS[task]
     rng = random.Random(f"covrl-{task}-{cfg.seed}")
     want = cfg.train_size + cfg.eval_size
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, dict]] = {}
     tries = 0
     while len(seen) < want and tries < want * 50:
-        q, a = gen(rng, cfg)
-        seen.setdefault(q, a)
+        q, a, meta = gen(rng, cfg)
+        seen.setdefault(q, (a, meta))
         tries += 1
     if len(seen) < want:
         raise DataError(f"data: the {task} task has only {len(seen)} distinct problems with these settings; "
                         f"lower data.train_size + data.eval_size ({want}) or widen the task "
                         f"(data.max_operand / data.num_terms)")
     items = list(seen.items())
-    examples = [Example(uid=f"{task}-{cfg.seed}-{i}", prompt=q, ground_truth=a, task=task)
-                for i, (q, a) in enumerate(items)]
+    examples = [Example(uid=f"{task}-{cfg.seed}-{i}", prompt=q, ground_truth=a, task=task, reward_meta=meta)
+                for i, (q, (a, meta)) in enumerate(items)]
     # The held-out split is the LAST eval_size problems: disjoint from training by construction.
     return examples[: cfg.train_size], examples[cfg.train_size:]
 
