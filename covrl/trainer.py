@@ -240,8 +240,8 @@ class Channels:
         self.rollout = [rollout_pb2_grpc.RolloutServiceStub(chan(a)) for a in self.rollout_addresses]
         self.reward_address = addresses["reward"]
         self.reward = reward_pb2_grpc.RewardServiceStub(chan(self.reward_address))
-        self.learner_address = addresses["learner"]
-        self.learner = learner_pb2_grpc.LearnerServiceStub(chan(self.learner_address))
+        self.learner_address = addresses.get("learner") or ""
+        self.learner = learner_pb2_grpc.LearnerServiceStub(chan(self.learner_address)) if self.learner_address else None
 
     def close(self) -> None:
         for c in self.channels.values():
@@ -424,9 +424,10 @@ class Trainer:
     def _prompt_ids(self, ex: Example) -> list[int]:
         return encode_prompt(ex, self.tokenizer, self.cfg.data)
 
-    def start_services(self) -> None:
+    def start_services(self, *, with_learner: bool = True) -> None:
         s = self.cfg.services
-        missing = [n for n in SERVICE_NAMES if not (s.rollout if n == "rollout" else getattr(s, n))]
+        names = SERVICE_NAMES if with_learner else ("rollout", "reward")
+        missing = [n for n in names if not (s.rollout if n == "rollout" else getattr(s, n))]
         addresses: dict = {"rollout": list(s.rollout), "reward": s.reward, "learner": s.learner}
         if missing:
             configs = service_configs(self.cfg, self.model_path, self.run_dir, self.resume_checkpoint)
@@ -437,12 +438,15 @@ class Trainer:
         self.ch = Channels(self.cfg, addresses)
         timeout = s.connect_timeout_s
         todo = [("rollout", a) for a in self.ch.rollout_addresses]
-        todo += [("reward", self.ch.reward_address), ("learner", self.ch.learner_address)]
+        todo += [("reward", self.ch.reward_address)]
+        if with_learner:
+            todo.append(("learner", self.ch.learner_address))
         for name, addr in todo:
             local = self.local is not None and name in self.local.procs
             wait_ready(self.ch.channels[addr], name, addr, max(timeout, s.start_timeout_s) if local else timeout,
                        metadata=self.ch.metadata, alive=(lambda n=name: self.local.check(n)) if local else None)
-        self._register_rollout_servers()
+        if with_learner:
+            self._register_rollout_servers()
 
     def _register_rollout_servers(self) -> None:
         from covrl._proto.v1 import learner_pb2
@@ -609,7 +613,7 @@ class Trainer:
         resp = call_with_retry(self.ch.reward.Score, reward_pb2.ScoreRequest(items=items), what="Score",
                                timeout_s=rc.timeout_s, metadata=self.ch.metadata,
                                retry_for_s=self.cfg.services.connect_timeout_s)
-        for ro, res in zip(rollouts, resp.results):
+        for ro, res in zip(rollouts, resp.results, strict=True):
             ro.reward_status = reward_pb2.RewardStatus.Name(res.status).removeprefix("REWARD_STATUS_").lower()
             r = float(res.reward)
             ro.reward = r if (ro.reward_status == "ok" and math.isfinite(r)) else 0.0
@@ -658,7 +662,7 @@ class Trainer:
         from covrl._proto.v1 import learner_pb2
 
         md = self.ch.metadata
-        for addr, stub in zip(self.ch.rollout_addresses, self.ch.rollout):
+        for addr, stub in zip(self.ch.rollout_addresses, self.ch.rollout, strict=True):
             chunks = self.ch.learner.GetWeights(learner_pb2.GetWeightsRequest(), timeout=600, metadata=md)
             try:
                 stub.UpdateWeights(chunks, timeout=600, metadata=md)
@@ -835,9 +839,36 @@ def _num(v) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else "-"
 
 
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
+    """pass@1 / pass@k of a checkpoint (an HF model dir, or a run's ``checkpoints/step_N``) on the
+    held-out split, with a local rollout service on that checkpoint and the configured reward service."""
+    ckpt = os.path.abspath(checkpoint)
+    for cand in (ckpt, os.path.join(ckpt, "learner")):
+        if os.path.exists(os.path.join(cand, "config.json")):
+            model_dir = cand
+            break
+    else:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no HF model (config.json) there or in its learner/")
+    rd = os.path.join(os.path.dirname(ckpt.rstrip("/")), "eval-" + os.path.basename(ckpt.rstrip("/")))
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=model_dir),
+        services=dataclasses.replace(cfg.services, rollout=[], learner=""),
+        logging=dataclasses.replace(cfg.logging, run_dir=rd))
+    tr = Trainer(cfg)
+    try:
+        tr.start_services(with_learner=False)
+        out = tr.evaluate(0)
+    finally:
+        tr.close()
+    out["checkpoint"] = model_dir
+    with open(os.path.join(rd, "eval.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
 def train(cfg: TrainConfig, resume_dir: str | None = None) -> dict:
     return Trainer(cfg, resume_dir=resume_dir).run()
 
 
-__all__ = ["Trainer", "train", "summarize", "format_summary", "pass_at_k", "latest_checkpoint", "wait_ready",
+__all__ = ["Trainer", "train", "summarize", "format_summary", "pass_at_k", "latest_checkpoint", "evaluate_checkpoint", "wait_ready",
            "LocalServices", "Channels", "service_configs", "step_seed"]
