@@ -3,7 +3,7 @@
 Protocol (pickled tuples over one duplex ``multiprocessing`` pipe):
   worker -> parent  ``("ready",)`` once warmed up
   parent -> worker  ``(job_id, task, completion, ground_truth, metadata)``, or ``None`` to stop
-  worker -> parent  ``(job_id, status, reward, detail)``
+  worker -> parent  ``("started", job_id)`` on receipt, then ``("done", job_id, status, reward, detail)``
 The parent kills the worker when a job outlives its deadline; nothing here is time-guarded.
 """
 
@@ -45,5 +45,6 @@ def main(conn, memory_limit_mb: int) -> None:
         if msg is None:
             return
         job_id, task, completion, ground_truth, metadata = msg
+        conn.send(("started", job_id))
         status, reward, detail = score_one(task, completion, ground_truth, metadata)
-        conn.send((job_id, status, reward, detail))
+        conn.send(("done", job_id, status, reward, detail))

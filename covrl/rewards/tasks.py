@@ -175,6 +175,10 @@ def math_task(completion: str, ground_truth: str, metadata: dict) -> tuple[float
     _check_size(gt, "ground_truth")
     answer, how = extract_math_answer(completion)
     _check_size(answer, "answer")
+    if how == "tail":  # the tail of "((((...1)))...)" is only closers: look at the whole text
+        depth = _nesting_depth(completion)
+        if depth > MAX_NESTING:
+            raise InvalidAnswer(f"completion nests brackets {depth} deep; at most {MAX_NESTING} allowed")
     # Timeouts off: math-verify's own guard uses SIGALRM (main thread only, a side effect);
     # the verifier pool enforces the deadline instead.
     gold = parse(_as_latex(gt), parsing_timeout=None)

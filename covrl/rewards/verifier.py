@@ -80,9 +80,10 @@ class RewardResult:
 class _Worker:
     proc: mp.process.BaseProcess
     conn: object
-    started_at: float
+    spawned_at: float
     ready: bool = False
     job: int | None = None  # index into the batch's job list
+    started: bool = False  # the worker acknowledged the job
     deadline_at: float = 0.0
 
 
@@ -125,7 +126,7 @@ class Verifier:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["covrl.rewards._worker"])
+        self._ctx.set_forkserver_preload(["covrl.rewards._worker", "covrl.rewards._preload"])
         self._pool: list[_Worker] = [self._start_worker() for _ in range(workers)]
 
     # ---------------------------------------------------------------- lifecycle
@@ -136,7 +137,7 @@ class Verifier:
                                  name="covrl-reward-worker", daemon=True)
         proc.start()
         child_conn.close()
-        return _Worker(proc=proc, conn=parent_conn, started_at=time.monotonic())
+        return _Worker(proc=proc, conn=parent_conn, spawned_at=time.monotonic())
 
     def _replace(self, i: int) -> None:
         old = self._pool[i]
@@ -215,7 +216,12 @@ class Verifier:
             with self._lock:
                 if self._closed:
                     raise RuntimeError("Verifier is closed")
-                outcomes = self._run(jobs)
+                try:
+                    outcomes = self._run(jobs)
+                finally:  # interrupted (KeyboardInterrupt, a bug): no job may leak into the next batch
+                    for i, w in enumerate(self._pool):
+                        if w.job is not None:
+                            self._replace(i)
             for (key, _, _), (status, reward, detail) in zip(jobs, outcomes, strict=True):
                 if status in CACHED_STATUSES:
                     self._cache_put(key, (reward, status, detail))
@@ -293,6 +299,7 @@ class Verifier:
         """Score ``jobs`` on the pool; returns ``(status, reward, detail)`` per job, in order."""
         out: list[tuple[str, float, str] | None] = [None] * len(jobs)
         pending = collections.deque(range(len(jobs)))
+        retried: set[int] = set()
         failed_starts = 0
 
         def finish(j: int, status: str, reward: float, detail: str) -> None:
@@ -313,10 +320,10 @@ class Verifier:
                     pending.appendleft(j)
                     self._replace(i)
                     continue
-                w.job, w.deadline_at = j, time.monotonic() + deadline_s
+                w.job, w.started, w.deadline_at = j, False, time.monotonic() + deadline_s
 
             now = time.monotonic()
-            horizons = [w.deadline_at if w.job is not None else w.started_at + WORKER_START_TIMEOUT_S
+            horizons = [w.deadline_at if w.job is not None else w.spawned_at + WORKER_START_TIMEOUT_S
                         for w in self._pool if w.job is not None or not w.ready]
             timeout = max(0.0, min(horizons) - now) if horizons else None
             handles = [w.conn for w in self._pool] + [w.proc.sentinel for w in self._pool]
@@ -324,21 +331,22 @@ class Verifier:
 
             for i, w in enumerate(self._pool):
                 if w.conn in ready:
-                    try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                    if msg is None:  # the pipe closed: the process is gone
-                        failed_starts += not w.ready
-                        self._worker_died(i, finish)
-                    elif msg == ("ready",):
-                        w.ready, failed_starts = True, 0
-                    elif w.job is not None and msg[0] == w.job:
-                        finish(w.job, msg[1], msg[2], msg[3])
-                        w.job = None
+                    # drain everything the worker sent, so a result that arrived in time is not
+                    # mistaken for a timeout below
+                    for msg in self._drain(w):
+                        if msg is None:  # the pipe closed: the process is gone
+                            failed_starts += not w.ready
+                            self._worker_died(i, finish, pending, retried)
+                        elif msg[0] == "ready":
+                            w.ready, failed_starts = True, 0
+                        elif msg[0] == "started" and msg[1] == w.job:
+                            w.started = True
+                        elif msg[0] == "done" and msg[1] == w.job:
+                            finish(w.job, msg[2], msg[3], msg[4])
+                            w.job = None
                 elif w.proc.sentinel in ready:
                     failed_starts += not w.ready
-                    self._worker_died(i, finish)
+                    self._worker_died(i, finish, pending, retried)
 
             now = time.monotonic()
             for i, w in enumerate(self._pool):
@@ -347,7 +355,7 @@ class Verifier:
                     finish(w.job, "timeout", 0.0,
                            f"no result within deadline_s={deadline_s:g}; worker killed and replaced")
                     self._replace(i)
-                elif not w.ready and w.job is None and now - w.started_at > WORKER_START_TIMEOUT_S:
+                elif not w.ready and w.job is None and now - w.spawned_at > WORKER_START_TIMEOUT_S:
                     failed_starts += 1
                     self._replace(i)
             if failed_starts >= MAX_FAILED_STARTS * len(self._pool):
@@ -355,11 +363,29 @@ class Verifier:
                     finish(pending.popleft(), "error", 0.0, "reward workers failed to start")
         return out  # type: ignore[return-value]
 
-    def _worker_died(self, i: int, finish) -> None:
+    @staticmethod
+    def _drain(w: _Worker):
+        """Messages waiting on ``w``'s pipe; ``None`` last if the pipe is closed."""
+        while True:
+            try:
+                yield w.conn.recv()
+                if not w.conn.poll(0):
+                    return
+            except (EOFError, OSError):
+                yield None
+                return
+
+    def _worker_died(self, i: int, finish, pending: collections.deque, retried: set[int]) -> None:
+        """A worker is gone. Its job fails with "error" if the worker had started it; a job it
+        never acknowledged (it died while idle) is requeued once."""
         w = self._pool[i]
         w.proc.join(timeout=5)
         if w.job is not None:
-            finish(w.job, "error", 0.0, f"worker process died (exit code {w.proc.exitcode})")
+            if not w.started and w.job not in retried:
+                retried.add(w.job)
+                pending.appendleft(w.job)
+            else:
+                finish(w.job, "error", 0.0, f"worker process died (exit code {w.proc.exitcode})")
         self._replace(i)
 
 

@@ -312,17 +312,21 @@ def start_server(bindings: list[ServiceBinding], config: ServerConfig | None = N
     reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
 
     bind = f"{config.host}:{config.port}"
-    if config.tls_cert_path:
-        creds = grpc.ssl_server_credentials(
-            [(_read(config.tls_key_path), _read(config.tls_cert_path))],
-            root_certificates=_read(config.tls_client_ca_path) if config.tls_client_ca_path else None,
-            require_client_auth=bool(config.tls_client_ca_path),
-        )
-        port = server.add_secure_port(bind, creds)
-    else:
-        port = server.add_insecure_port(bind)
+    why: object = "no port returned"
+    try:
+        if config.tls_cert_path:
+            creds = grpc.ssl_server_credentials(
+                [(_read(config.tls_key_path), _read(config.tls_cert_path))],
+                root_certificates=_read(config.tls_client_ca_path) if config.tls_client_ca_path else None,
+                require_client_auth=bool(config.tls_client_ca_path),
+            )
+            port = server.add_secure_port(bind, creds)
+        else:
+            port = server.add_insecure_port(bind)
+    except RuntimeError as e:  # grpc reports a failed bind (port in use, bad host) this way
+        port, why = 0, e
     if port == 0:
-        raise OSError(f"server.host/server.port: could not bind {bind}")
+        raise OSError(f"server.host/server.port: could not bind {bind} (in use or not a local address): {why}")
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
