@@ -17,7 +17,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -107,7 +107,7 @@ class AlgoConfig:
     agg: str = _f("token-mean", "loss aggregation", choices=AGGS)
     clip_low: float = _f(0.2, "PPO ratio clip below 1 (epsilon_low)", ge=0.0, lt=1.0)
     clip_high: float = _f(0.2, "PPO ratio clip above 1 (epsilon_high; > clip_low is Clip-Higher)", ge=0.0)
-    dual_clip: Optional[float] = _f(None, "dual-clip constant c > 1 for negative advantages (ppo only)", gt=1.0)
+    dual_clip: float | None = _f(None, "dual-clip constant c > 1 for negative advantages (ppo only)", gt=1.0)
     clip_cov_fraction: float = _f(2e-4, "Clip-Cov: FRACTION of tokens whose gradient is cut "
                                   "(2e-4 = 0.02 %, the paper's value)", gt=0.0, le=1.0)
     clip_cov_lb: float = _f(1.0, "Clip-Cov: lower covariance bound of candidates")
@@ -123,7 +123,7 @@ class AlgoConfig:
     max_staleness: int = _f(0, "0: synchronous; 1: generate the next batch while training (off-policy "
                             "by one version, corrected by truncated importance sampling)", ge=0, le=1)
     is_truncation: float = _f(2.0, "truncated IS: cap on pi_learner / pi_behaviour per token", gt=0.0)
-    entropy_target: Optional[float] = _f(None, "if set: a controller adjusts the entropy knob to hold "
+    entropy_target: float | None = _f(None, "if set: a controller adjusts the entropy knob to hold "
                                          "policy entropy (nats/token) near this value", gt=0.0)
     entropy_tolerance: float = _f(0.2, "controller dead band, relative to entropy_target", ge=0.0, lt=1.0)
     controller_knob: str = _f("auto", "what the controller moves: 'auto' (the mode's selection "

@@ -183,7 +183,7 @@ def _arithmetic(rng: random.Random, cfg: DataConfig) -> tuple[str, str]:
     ops = [rng.choice("+-") for _ in range(cfg.num_terms - 1)]
     expr = str(nums[0])
     value = nums[0]
-    for op, n in zip(ops, nums[1:]):
+    for op, n in zip(ops, nums[1:], strict=True):
         expr += f" {op} {n}"
         value = value + n if op == "+" else value - n
     q = f"What is {expr}?"

@@ -54,7 +54,7 @@ def _pearson(x: list[float], y: list[float]) -> float:
         if n < 2:
             return float("nan")
         mx, my = sum(x) / n, sum(y) / n
-        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
         sxx = sum((a - mx) ** 2 for a in x)
         syy = sum((b - my) ** 2 for b in y)
         return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
