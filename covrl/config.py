@@ -90,6 +90,7 @@ class RewardConfig:
                    "defaults to 'math')")
     timeout_s: float = _f(30.0, "deadline of one Score call, seconds", gt=0.0)
     item_timeout_s: float = _f(5.0, "per-item verifier deadline, seconds", gt=0.0)
+    workers: int = _f(1, "verifier worker processes of a locally started reward service", ge=1)
 
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp")
@@ -125,7 +126,8 @@ class AlgoConfig:
     is_truncation: float = _f(2.0, "truncated IS: cap on pi_learner / pi_behaviour per token", gt=0.0)
     entropy_target: float | None = _f(None, "if set: a controller adjusts the entropy knob to hold "
                                          "policy entropy (nats/token) near this value", gt=0.0)
-    entropy_tolerance: float = _f(0.2, "controller dead band, relative to entropy_target", ge=0.0, lt=1.0)
+    entropy_tolerance: float = _f(0.2, "controller dead band, relative to entropy_target (0.2 = +-20%)",
+                                  gt=0.0, lt=1.0)
     controller_knob: str = _f("auto", "what the controller moves: 'auto' (the mode's selection "
                               "fraction), 'kl_coef', 'fraction'", choices=("auto", "kl_coef", "fraction"))
 
@@ -159,6 +161,8 @@ class ServicesConfig:
                                   "(retries with backoff and says why)", gt=0.0)
     start_timeout_s: float = _f(300.0, "how long a locally started service may take to start", gt=0.0)
     threads: int = _f(0, "torch threads per local service process (0: torch's default)", ge=0)
+    local_device: str = _f("auto", "device of locally started rollout/learner services: 'auto' (cuda "
+                           "when available) or 'cpu'", choices=("auto", "cpu"))
 
 
 @dataclass

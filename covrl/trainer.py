@@ -122,28 +122,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, init_checkpoint: str = "") -> dict[str, dict]:
+def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from: str = "") -> dict[str, dict]:
     """The ``--config`` of each locally started service, derived from the trainer config."""
     a, lr = cfg.algo, cfg.learner
+    off_policy = bool(lr.recompute_old_logprobs or a.max_staleness > 0)
     learner = dict(
-        model=model_path, dtype=cfg.model.dtype, lr=lr.lr, weight_decay=lr.weight_decay,
-        adam_beta1=lr.beta1, adam_beta2=lr.beta2, max_grad_norm=lr.grad_clip,
-        micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size, ppo_epochs=lr.epochs,
-        seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg, clip_low=a.clip_low,
-        clip_high=a.clip_high, dual_clip=a.dual_clip, clip_cov_fraction=a.clip_cov_fraction,
+        model=model_path, dtype=cfg.model.dtype, device="cpu" if cfg.services.local_device == "cpu" else "auto",
+        lr=lr.lr, weight_decay=lr.weight_decay, adam_beta1=lr.beta1, adam_beta2=lr.beta2,
+        max_grad_norm=lr.grad_clip, micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size,
+        ppo_epochs=lr.epochs, seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg,
+        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, clip_cov_fraction=a.clip_cov_fraction,
         clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_fraction=a.kl_cov_fraction,
         kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.high_entropy_fraction,
-        recompute_old_logprobs=bool(lr.recompute_old_logprobs or a.max_staleness > 0),
-        tis_cap=a.is_truncation if (lr.recompute_old_logprobs or a.max_staleness > 0) else 0.0,
+        recompute_old_logprobs=off_policy, tis_cap=a.is_truncation if off_policy else 0.0,
         temperature=cfg.rollout.temperature,
     )
-    out = {
-        "rollout": {"rollout": {"model": model_path, "dtype": cfg.model.dtype}},
-        "reward": {"reward": {}},
-        "learner": {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints"),
-                    "init_checkpoint": init_checkpoint},
+    learner_cfg = {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints")}
+    if resume_from:
+        learner_cfg["resume_from"] = resume_from
+    device = "cpu" if cfg.services.local_device == "cpu" else "cuda"
+    if device == "cuda":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "rollout": {"engine": {"kind": "transformers", "model_path": model_path, "device": device,
+                               "dtype": cfg.model.dtype}},
+        "reward": {"verifier": {"workers": cfg.reward.workers, "default_deadline_s": cfg.reward.item_timeout_s}},
+        "learner": learner_cfg,
     }
-    return out
 
 
 class LocalServices:
@@ -207,49 +214,37 @@ class LocalServices:
                 p.wait()
 
 
-class Channels:
-    """gRPC channels + stubs for the three services; TLS and the shared token come from the config."""
+class Clients:
+    """``covrl.client`` clients of the three services (TLS and the shared token from the config).
 
-    def __init__(self, cfg: TrainConfig, addresses: dict[str, list[str] | str]):
-        from covrl._proto.v1 import learner_pb2_grpc, reward_pb2_grpc, rollout_pb2_grpc
+    Local and remote services go through exactly this path.
+    """
+
+    def __init__(self, cfg: TrainConfig, addresses: dict):
+        from covrl.client import LearnerClient, RewardClient, RolloutClient
 
         s = cfg.services
-        self.cfg = cfg
         self.token = os.environ.get(s.token_env, "") if s.token_env else ""
-        self.metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
-        self._creds = None
+        kw = dict(token=self.token or None, max_attempts=8, max_backoff_s=10.0,
+                  max_message_bytes=256 * 2**20)
         if s.tls_ca:
-            def _read(p):
-                with open(p, "rb") as f:
-                    return f.read()
+            kw.update(tls=True, root_certificates=s.tls_ca, client_certificate=s.tls_cert or None,
+                      client_key=s.tls_key or None)
+        self.rollout = [RolloutClient(a, **kw) for a in addresses["rollout"]]
+        self.reward = RewardClient(addresses["reward"], **kw)
+        self.learner = LearnerClient(addresses["learner"], **kw) if addresses.get("learner") else None
 
-            self._creds = grpc.ssl_channel_credentials(
-                root_certificates=_read(s.tls_ca),
-                private_key=_read(s.tls_key) if s.tls_key else None,
-                certificate_chain=_read(s.tls_cert) if s.tls_cert else None,
-            )
-        opts = [("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)]
-        self.channels: dict[str, grpc.Channel] = {}
-
-        def chan(addr):
-            c = grpc.secure_channel(addr, self._creds, opts) if self._creds else grpc.insecure_channel(addr, opts)
-            self.channels[addr] = c
-            return c
-
-        self.rollout_addresses = list(addresses["rollout"])
-        self.rollout = [rollout_pb2_grpc.RolloutServiceStub(chan(a)) for a in self.rollout_addresses]
-        self.reward_address = addresses["reward"]
-        self.reward = reward_pb2_grpc.RewardServiceStub(chan(self.reward_address))
-        self.learner_address = addresses.get("learner") or ""
-        self.learner = learner_pb2_grpc.LearnerServiceStub(chan(self.learner_address)) if self.learner_address else None
+    def all(self) -> list[tuple[str, object]]:
+        out = [("rollout", c) for c in self.rollout] + [("reward", self.reward)]
+        return out + ([("learner", self.learner)] if self.learner else [])
 
     def close(self) -> None:
-        for c in self.channels.values():
+        for _, c in self.all():
             c.close()
 
 
-def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, metadata=None,
-               alive=None, report=_log) -> None:
+def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, alive=None,
+               report=_log) -> None:
     """Block until ``address`` answers the standard health check as SERVING.
 
     Retries with exponential backoff (0.5 s doubling to 10 s) and says why it waits;
@@ -263,7 +258,7 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
     delay, last_reason, last_report = 0.5, None, 0.0
     while True:
         try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0, metadata=metadata)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
                 if last_reason is not None:
                     report(f"{name} service at {address} is up after {time.monotonic() - t0:.1f}s")
@@ -288,22 +283,6 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
         delay = min(delay * 2, 10.0)
 
 
-def call_with_retry(fn, request, *, what: str, timeout_s: float, metadata=None, retry_for_s: float = 60.0,
-                    report=_log):
-    """One unary RPC; UNAVAILABLE is retried with backoff for ``retry_for_s``, other errors raise."""
-    t0 = time.monotonic()
-    delay = 0.5
-    while True:
-        try:
-            return fn(request, timeout=timeout_s, metadata=metadata)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - t0 > retry_for_s:
-                raise RuntimeError(f"{what} failed: {e.code().name}: {e.details()}") from None
-            report(f"{what}: {e.code().name} ({e.details()}); retrying in {delay:.1f}s")
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
 # ---------------------------------------------------------------------------------------
 # rollouts
 
@@ -318,7 +297,7 @@ class Rollout:
     completion_ids: list[int]
     logprobs: list[float]
     text: str
-    finish_reason: int
+    finish_reason: str
     weight_version: int
     reward: float = 0.0
     reward_status: str = ""
@@ -393,7 +372,7 @@ class Trainer:
         self.pending: Future | None = None
         self._pending_batch: Batch | None = None
         self.local: LocalServices | None = None
-        self.ch: Channels | None = None
+        self.ch: Clients | None = None
         self.learner_version = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covrl-prefetch")
         self._loss_overrides: dict[str, float] = {}
@@ -435,39 +414,29 @@ class Trainer:
             started = self.local.start()
             for n, addr in started.items():
                 addresses[n] = [addr] if n == "rollout" else addr
-        self.ch = Channels(self.cfg, addresses)
+        if not with_learner:
+            addresses["learner"] = ""
+        self.ch = Clients(self.cfg, addresses)
         timeout = s.connect_timeout_s
-        todo = [("rollout", a) for a in self.ch.rollout_addresses]
-        todo += [("reward", self.ch.reward_address)]
-        if with_learner:
-            todo.append(("learner", self.ch.learner_address))
-        for name, addr in todo:
+        for name, client in self.ch.all():
             local = self.local is not None and name in self.local.procs
-            wait_ready(self.ch.channels[addr], name, addr, max(timeout, s.start_timeout_s) if local else timeout,
-                       metadata=self.ch.metadata, alive=(lambda n=name: self.local.check(n)) if local else None)
+            wait_ready(client.channel, name, client.address, max(timeout, s.start_timeout_s) if local else timeout,
+                       alive=(lambda n=name: self.local.check(n)) if local else None)
         if with_learner:
             self._register_rollout_servers()
 
     def _register_rollout_servers(self) -> None:
-        from covrl._proto.v1 import learner_pb2
-
         s = self.cfg.services
-        root = b""
-        if s.tls_ca:
-            with open(s.tls_ca, "rb") as f:
-                root = f.read()
-        for addr in self.ch.rollout_addresses:
-            # Push right away: the rollout servers must sample from the learner's weights
-            # (which differ from the initial ones after a resume).
-            resp = call_with_retry(
-                self.ch.learner.RegisterRolloutServer,
-                learner_pb2.RegisterRolloutServerRequest(address=addr, use_tls=bool(s.tls_ca),
-                                                         root_certificates_pem=root, token=self.ch.token,
-                                                         push_now=True),
-                what=f"RegisterRolloutServer({addr})", timeout_s=600, metadata=self.ch.metadata)
+        for rc in self.ch.rollout:
+            # Push right away when the learner's weights are not the initial ones (a resumed
+            # run): the rollout servers must sample from the learner's policy.
+            resp = self.ch.learner.register_rollout_server(
+                rc.address, use_tls=bool(s.tls_ca), root_certificates=s.tls_ca or None, token=self.ch.token,
+                push_now=True, timeout_s=600)
             self.learner_version = int(resp.weight_version)
-            if resp.HasField("push") and not resp.push.ok:
-                raise RuntimeError(f"the learner could not push weights to rollout server {addr}: {resp.push.error}")
+            if resp.push is not None and not resp.push.ok and resp.weight_version > 0:
+                raise RuntimeError(f"the learner could not push weights to rollout server {rc.address}: "
+                                   f"{resp.push.error}")
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -562,61 +531,57 @@ class Trainer:
 
     def generate(self, examples: list[Example], step: int, *, n: int | None = None,
                  temperature: float | None = None, salt: int = 0) -> Batch:
-        """Sample ``n`` completions for each example (spread over the rollout servers)."""
-        from covrl._proto.v1 import rollout_pb2
+        """Sample ``n`` completions for each example (prompts spread over the rollout servers)."""
+        from covrl.client import SamplingParams
 
         r = self.cfg.rollout
         n = n or r.n_samples
         t0 = time.monotonic()
         ids = [self._prompt_ids(e) for e in examples]
         servers = self.ch.rollout
-        shards = [list(range(i, len(examples), len(servers))) for i in range(len(servers))]
+        shards = [(si, list(range(si, len(examples), len(servers)))) for si in range(len(servers))]
+        shards = [(si, idx) for si, idx in shards if idx]
 
         def one(si: int, idx: list[int]):
-            sp = rollout_pb2.SamplingParams(n=n, temperature=temperature or r.temperature, top_p=r.top_p,
-                                            top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=list(r.stop),
-                                            seed=step_seed(self.cfg.seed, step, salt * 1000 + si))
-            req = rollout_pb2.GenerateRequest(
-                prompts=[rollout_pb2.Prompt(token_ids=rollout_pb2.TokenIds(ids=ids[i]), prompt_id=str(i)) for i in idx],
-                sampling=sp)
-            return idx, call_with_retry(servers[si].Generate, req, what=f"Generate on {self.ch.rollout_addresses[si]}",
-                                        timeout_s=r.timeout_s, metadata=self.ch.metadata)
+            sp = SamplingParams(n=n, temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=r.max_new_tokens, stop=tuple(r.stop),
+                                seed=step_seed(self.cfg.seed, step, salt * 1000 + si))
+            return idx, servers[si].generate([ids[i] for i in idx], sp, prompt_ids=[str(i) for i in idx],
+                                             timeout_s=r.timeout_s)
 
-        results = [one(si, idx) for si, idx in enumerate(shards) if idx] if len(servers) == 1 else None
-        if results is None:
-            with ThreadPoolExecutor(len(servers)) as ex:
-                results = list(ex.map(lambda a: one(*a), [(si, idx) for si, idx in enumerate(shards) if idx]))
-        rollouts: list[Rollout] = [None] * len(examples)  # type: ignore[list-item]
-        for idx, resp in results:
-            for res in resp.results:
+        if len(shards) == 1:
+            results = [one(*shards[0])]
+        else:
+            with ThreadPoolExecutor(len(shards)) as ex:
+                results = list(ex.map(lambda a: one(*a), shards))
+        groups: list[list[Rollout]] = [[] for _ in examples]
+        for idx, prompt_results in results:
+            for res in prompt_results:
                 i = idx[res.prompt_index]
-                group = []
-                for s in res.samples:
-                    group.append(Rollout(group_id=f"{step}-{salt}-{i}", example=examples[i],
-                                         prompt_ids=list(res.prompt_token_ids) or ids[i],
-                                         completion_ids=list(s.token_ids), logprobs=list(s.logprobs), text=s.text,
-                                         finish_reason=int(s.finish_reason), weight_version=int(res.weight_version)))
-                rollouts[i] = group
-        flat = [x for g in rollouts for x in g]
-        return Batch(step=step, rollouts=flat, generate_s=time.monotonic() - t0)
+                for smp in res.samples:
+                    groups[i].append(Rollout(
+                        group_id=f"{step}-{salt}-{i}", example=examples[i],
+                        prompt_ids=list(res.prompt_token_ids) or ids[i], completion_ids=list(smp.token_ids),
+                        logprobs=list(smp.logprobs), text=smp.text, finish_reason=smp.finish_reason,
+                        weight_version=int(res.weight_version)))
+        return Batch(step=step, rollouts=[x for g in groups for x in g], generate_s=time.monotonic() - t0)
 
     def score(self, rollouts: list[Rollout]) -> None:
         """Fill ``reward`` / ``reward_status`` of each rollout from the reward service."""
-        from covrl._proto.v1 import reward_pb2
+        from covrl.client import ScoreItem
 
         rc = self.cfg.reward
-        items = [reward_pb2.RewardItem(task=ro.example.task, prompt=ro.example.text(), completion=ro.text,
-                                       ground_truth=ro.example.ground_truth,
-                                       metadata_json=json.dumps(ro.example.reward_meta),
-                                       deadline_s=rc.item_timeout_s, item_id=str(i))
+        items = [ScoreItem(task=ro.example.task, prompt=ro.example.text(), completion=ro.text,
+                           ground_truth=ro.example.ground_truth, metadata=ro.example.reward_meta,
+                           deadline_s=rc.item_timeout_s, item_id=str(i))
                  for i, ro in enumerate(rollouts)]
-        resp = call_with_retry(self.ch.reward.Score, reward_pb2.ScoreRequest(items=items), what="Score",
-                               timeout_s=rc.timeout_s, metadata=self.ch.metadata,
-                               retry_for_s=self.cfg.services.connect_timeout_s)
+        resp = self.ch.reward.score(items, timeout_s=rc.timeout_s)
+        if len(resp.results) != len(items):
+            raise RuntimeError(f"the reward service returned {len(resp.results)} results for {len(items)} items")
         for ro, res in zip(rollouts, resp.results, strict=True):
-            ro.reward_status = reward_pb2.RewardStatus.Name(res.status).removeprefix("REWARD_STATUS_").lower()
+            ro.reward_status = res.status
             r = float(res.reward)
-            ro.reward = r if (ro.reward_status == "ok" and math.isfinite(r)) else 0.0
+            ro.reward = r if (res.status == "ok" and math.isfinite(r)) else 0.0
 
     def _filter_stale(self, rollouts: list[Rollout]) -> tuple[list[Rollout], int]:
         bound = self.cfg.algo.max_staleness
@@ -624,50 +589,48 @@ class Trainer:
         return kept, len(rollouts) - len(kept)
 
     def learn(self, rollouts: list[Rollout], *, push: bool):
-        from covrl._proto.v1 import learner_pb2
+        from covrl.client import Trajectory
 
         if not rollouts:
             raise RuntimeError("every rollout of this step was dropped as stale; is a rollout server not "
                                "receiving weight pushes?")
-        trajs = [learner_pb2.Trajectory(prompt_token_ids=ro.prompt_ids, completion_token_ids=ro.completion_ids,
-                                        behavior_logprobs=ro.logprobs, reward=ro.reward,
-                                        weight_version=ro.weight_version, group_id=ro.group_id,
-                                        finish_reason=ro.finish_reason)
+        trajs = [Trajectory(prompt_token_ids=ro.prompt_ids, completion_token_ids=ro.completion_ids,
+                            behavior_logprobs=ro.logprobs, reward=ro.reward, weight_version=ro.weight_version,
+                            group_id=ro.group_id, finish_reason=ro.finish_reason)
                  for ro in rollouts if ro.completion_ids]
-        self.skipped_rollouts = len(rollouts) - len(trajs)
-        md = self.ch.metadata
-        call_with_retry(self.ch.learner.SubmitRollouts, learner_pb2.SubmitRolloutsRequest(trajectories=trajs),
-                        what="SubmitRollouts", timeout_s=120, metadata=md)
-        req = learner_pb2.TrainRequest(recompute_old_logprobs=bool(self.cfg.learner.recompute_old_logprobs
-                                                                   or self.cfg.algo.max_staleness > 0),
-                                       skip_push=not push)
+        self.ch.learner.submit_rollouts(trajs, timeout_s=120)
+        recompute = bool(self.cfg.learner.recompute_old_logprobs or self.cfg.algo.max_staleness > 0)
         if self._loss_overrides:
-            self._set_overrides(req, self._loss_overrides)
-        resp = call_with_retry(self.ch.learner.Train, req, what="Train", timeout_s=self.cfg.learner.timeout_s,
-                               metadata=md)
+            resp = self._train_with_overrides(recompute, push)
+        else:
+            resp = self.ch.learner.train(recompute_old_logprobs=recompute, skip_push=not push,
+                                         timeout_s=self.cfg.learner.timeout_s)
         self.learner_version = int(resp.weight_version)
         return resp
 
-    @staticmethod
-    def _set_overrides(req, overrides: dict[str, float]) -> None:
-        field = req.DESCRIPTOR.fields_by_name.get("loss_overrides")
-        if field is None:
-            raise RuntimeError("this learner's TrainRequest has no loss_overrides field, so the entropy "
-                               "controller's output cannot be applied; unset algo.entropy_target")
-        for k, v in overrides.items():
+    def _train_with_overrides(self, recompute: bool, push: bool):
+        """Train with the controller's loss kwargs (needs ``TrainRequest.loss_overrides`` in the contract)."""
+        from covrl._proto.v1 import learner_pb2
+        from covrl.client import PushResult, TrainResult, _from_proto
+
+        req = learner_pb2.TrainRequest(recompute_old_logprobs=recompute, skip_push=not push)
+        if "loss_overrides" not in req.DESCRIPTOR.fields_by_name:
+            raise RuntimeError("the learner contract (TrainRequest) has no loss_overrides field, so the entropy "
+                               "controller's output cannot reach the learner; unset algo.entropy_target")
+        for k, v in self._loss_overrides.items():
             req.loss_overrides[k] = float(v)
+        lc = self.ch.learner
+        resp = lc._call("Train", lc.stub.Train, req, self.cfg.learner.timeout_s)
+        return _from_proto(TrainResult, resp, pushes=[_from_proto(PushResult, p) for p in resp.pushes])
 
     def push_weights(self) -> None:
-        """Pipe the learner's weights into every rollout server (pipelined mode)."""
-        from covrl._proto.v1 import learner_pb2
-
-        md = self.ch.metadata
-        for addr, stub in zip(self.ch.rollout_addresses, self.ch.rollout, strict=True):
-            chunks = self.ch.learner.GetWeights(learner_pb2.GetWeightsRequest(), timeout=600, metadata=md)
-            try:
-                stub.UpdateWeights(chunks, timeout=600, metadata=md)
-            except grpc.RpcError as e:
-                raise RuntimeError(f"UpdateWeights on {addr} failed: {e.code().name}: {e.details()}") from None
+        """Copy the learner's weights into every rollout server (pipelined mode)."""
+        version, tensors = self.ch.learner.get_weights(timeout_s=600)
+        for rc in self.ch.rollout:
+            res = rc.update_weights(tensors, version, timeout_s=600)
+            if res.weight_version != version:
+                raise RuntimeError(f"rollout server {rc.address} reports weight version {res.weight_version} "
+                                   f"after a push of version {version}")
 
     def _metrics(self, step: int, batch: Batch, kept: list[Rollout], dropped: int, resp) -> dict:
         rs = batch.rollouts
@@ -679,7 +642,7 @@ class Trainer:
             "reward/not_ok": sum(ro.reward_status != "ok" for ro in rs),
             "response/length_mean": sum(lengths) / n,
             "response/length_max": max(lengths) if lengths else 0,
-            "response/truncated_frac": sum(ro.finish_reason == 2 for ro in rs) / n,
+            "response/truncated_frac": sum(ro.finish_reason == "length" for ro in rs) / n,
             "staleness/dropped": dropped,
             "staleness/mean_lag": sum(self.learner_version - 1 - ro.weight_version for ro in kept) / max(len(kept), 1),
             "actor/loss": resp.loss,
@@ -738,13 +701,11 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> str:
         """RUN_DIR/checkpoints/step_N/{learner/ (HF safetensors + optimizer), trainer_state.json}."""
-        from covrl._proto.v1 import learner_pb2
 
         root = os.path.join(self.run_dir, "checkpoints")
         d = os.path.join(root, f"step_{step:06d}")
         os.makedirs(d, exist_ok=True)
-        call_with_retry(self.ch.learner.Checkpoint, learner_pb2.CheckpointRequest(path=os.path.join(d, "learner")),
-                        what="Checkpoint", timeout_s=600, metadata=self.ch.metadata)
+        self.ch.learner.checkpoint(os.path.join(d, "learner"), timeout_s=600)
         pending = None
         if self.pending is not None:  # the prefetched batch is part of the state (max_staleness=1)
             b = self.pending.result()
@@ -871,4 +832,4 @@ def train(cfg: TrainConfig, resume_dir: str | None = None) -> dict:
 
 
 __all__ = ["Trainer", "train", "summarize", "format_summary", "pass_at_k", "latest_checkpoint", "evaluate_checkpoint", "wait_ready",
-           "LocalServices", "Channels", "service_configs", "step_seed"]
+           "LocalServices", "Clients", "service_configs", "step_seed"]
