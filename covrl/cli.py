@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=_plot)
 
     e = sub.add_parser("eval", help="pass@1 / pass@k of a checkpoint on the held-out split")
-    e.add_argument("--checkpoint", required=True, help="HF model directory or a run checkpoint directory")
+    e.add_argument("--checkpoint", required=True,
+                   help="a run directory (its latest checkpoint), a run checkpoint directory or an HF model directory")
     e.add_argument("--config", help="YAML config (data/eval settings); default: the run's config.yaml if found")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(fn=_eval)

@@ -60,7 +60,7 @@ class DataConfig:
     on_bad_row: str = _f("error", "'error': stop at the first bad row, naming file, line and field; "
                          "'skip': drop it, count it and report the count", choices=("error", "skip"))
     seed: int = _f(0, "seed of the synthetic task generator and of the prompt shuffle", ge=0)
-    train_size: int = _f(2000, "synthetic tasks: number of training problems", ge=1)
+    train_size: int = _f(800, "synthetic tasks: number of training problems", ge=1)
     eval_size: int = _f(64, "synthetic tasks: held-out problems; file without eval_path: rows held out", ge=0)
     max_operand: int = _f(20, "arithmetic: operands are drawn from [0, max_operand]", ge=1)
     num_terms: int = _f(2, "arithmetic: operands per expression", ge=2, le=6)

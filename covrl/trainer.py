@@ -396,6 +396,12 @@ class Trainer:
                               f"turns their selection fraction or kl_coef), got loss_mode={a.loss_mode}")
         if knob == "kl_coef" and a.loss_mode != "kl_cov":
             raise ConfigError("algo.controller_knob=kl_coef needs algo.loss_mode=kl_cov")
+        from covrl._proto.v1 import learner_pb2
+
+        if "loss_overrides" not in learner_pb2.TrainRequest.DESCRIPTOR.fields_by_name:
+            raise ConfigError("algo.entropy_target: the learner contract in this install (covrl.v1 TrainRequest) "
+                              "has no loss_overrides field, so the controller's output cannot reach the learner; "
+                              "unset algo.entropy_target")
         init = a.kl_coef if knob == "kl_coef" else getattr(a, knob)
         return EntropyController(a.entropy_target, a.entropy_tolerance, knob=knob, init=init,
                                  lower=min(init, 2e-4 if knob != "kl_coef" else 1e-2))
@@ -804,6 +810,8 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
     """pass@1 / pass@k of a checkpoint (an HF model dir, or a run's ``checkpoints/step_N``) on the
     held-out split, with a local rollout service on that checkpoint and the configured reward service."""
     ckpt = os.path.abspath(checkpoint)
+    if os.path.isdir(os.path.join(ckpt, "checkpoints")):  # a run directory: its latest checkpoint
+        ckpt = latest_checkpoint(ckpt) or ckpt
     for cand in (ckpt, os.path.join(ckpt, "learner")):
         if os.path.exists(os.path.join(cand, "config.json")):
             model_dir = cand
