@@ -112,3 +112,21 @@ def test_clip_cov_pipelined_in_process_services(tmp_path, tiny_model_dir):
     _check_steps(rows)
     assert rows[1]["staleness/mean_lag"] == pytest.approx(1.0)  # trained one version off-policy
     assert all(r["staleness/dropped"] == 0 for r in rows)
+
+
+def test_a_local_service_that_dies_is_reported_with_its_log(tmp_path):
+    from covrl.client import RolloutClient
+    from covrl.trainer import LocalServices, wait_ready
+
+    cfg = tiny_cfg(tmp_path / "run")
+    local = LocalServices(cfg, str(tmp_path), ["rollout"], {"rollout": {"engine": {"kind": "nope"}}})
+    addr = local.start()["rollout"]
+    client = RolloutClient(addr)
+    try:
+        with pytest.raises(RuntimeError) as e:
+            wait_ready(client.channel, "rollout", addr, 120, alive=lambda: local.check("rollout"))
+    finally:
+        client.close()
+        local.stop()
+    assert "the local rollout service exited with code" in str(e.value)
+    assert "engine.kind: expected 'transformers' or 'vllm'" in str(e.value)
