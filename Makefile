@@ -34,5 +34,9 @@ lint: install
 compile-cuda: install
 	bash .ci/compile_cuda.sh $(VPY)
 
+# Regenerate covrl/_proto/ from protos/covrl/v1/*.proto (grpcio-tools 1.84.0, dev extra).
+protos: install
+	$(VPY) protos/generate.py
+
 clean:
 	rm -rf build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC code for the covrl.v1 contracts (see protos/)."""

@@ -1,0 +1,29 @@
+"""Rollout engines: :class:`TransformersEngine` (CPU/GPU, verified) and :class:`VLLMEngine`
+(GPU, vLLM imported lazily; unverified here). :func:`make_engine` builds one from a config dict.
+"""
+
+from covrl.engines.base import (
+    Engine,
+    PromptResult,
+    Sample,
+    SamplingParams,
+    StaleWeightVersion,
+    processed_logprobs,
+)
+
+__all__ = ["Engine", "PromptResult", "Sample", "SamplingParams", "StaleWeightVersion", "make_engine", "processed_logprobs"]
+
+
+def make_engine(config: dict) -> Engine:
+    """Build an engine from the ``engine:`` config section (``kind``: transformers | vllm)."""
+    cfg = dict(config or {})
+    kind = cfg.pop("kind", "transformers")
+    if kind == "transformers":
+        from covrl.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(**cfg)
+    if kind == "vllm":
+        from covrl.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**cfg)
+    raise ValueError(f"engine.kind: expected 'transformers' or 'vllm', got {kind!r}")

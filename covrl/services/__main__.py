@@ -1,0 +1,26 @@
+"""``python -m covrl.services <rollout|reward|learner> [--host H] [--port P] [--config cfg.yaml]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from covrl.services.launch import SERVICES, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m covrl.services", description="Run one covrl gRPC service.")
+    ap.add_argument("service", choices=SERVICES)
+    ap.add_argument("--host", default=None, help="bind address (default: server.host from the config, else 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help="port (default: server.port from the config, else 0 = any)")
+    ap.add_argument("--config", default=None, help="YAML config (see services/<name>/config.example.yaml)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.service, args.host, args.port, args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

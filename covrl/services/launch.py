@@ -1,0 +1,78 @@
+"""Start a covrl service from a config: ``serve("rollout", host, port, "cfg.yaml")``.
+
+A config is a YAML mapping with a ``server:`` section (:class:`~covrl.services.common.ServerConfig`)
+plus the service's own sections:
+
+- rollout: ``engine:`` (kind, model_path, device, dtype, max_batch_size, ...), ``limits:``
+- reward: ``verifier:`` (``covrl.rewards.Verifier`` keyword arguments), ``limits:``
+- learner: whatever ``covrl.services.learner.LearnerServicer(config)`` reads (it gets the
+  whole mapping)
+
+``--host`` / ``--port`` on the command line override ``server.host`` / ``server.port``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from covrl.services.common import RunningServer, ServerConfig, ServiceBinding, start_server
+
+SERVICES = ("rollout", "reward", "learner")
+
+
+def load_config(path: str | os.PathLike | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    return cfg
+
+
+def _learner_bindings(config: dict) -> list[ServiceBinding]:
+    from covrl._proto.v1 import learner_pb2, learner_pb2_grpc
+    from covrl.services.common import service_name
+    from covrl.services.learner import LearnerServicer  # provided by the learner module
+
+    servicer = LearnerServicer(config)
+    return [
+        ServiceBinding(
+            service_name(learner_pb2, "LearnerService"), servicer, learner_pb2_grpc.add_LearnerServiceServicer_to_server
+        )
+    ]
+
+
+def build_bindings(name: str, config: dict) -> list[ServiceBinding]:
+    if name == "rollout":
+        from covrl.services.rollout import build_rollout
+
+        return build_rollout(config)
+    if name == "reward":
+        from covrl.services.reward import build_reward
+
+        return build_reward(config)
+    if name == "learner":
+        return _learner_bindings(config)
+    raise ValueError(f"service: expected one of {SERVICES}, got {name!r}")
+
+
+def start(name: str, config: dict | None = None, host: str | None = None, port: int | None = None) -> RunningServer:
+    """Build service ``name`` from ``config`` and start it (non-blocking)."""
+    config = dict(config or {})
+    server_cfg = dict(config.get("server") or {})
+    if host is not None:
+        server_cfg["host"] = host
+    if port is not None:
+        server_cfg["port"] = port
+    server = ServerConfig.from_dict(server_cfg)
+    return start_server(build_bindings(name, config), server)
+
+
+def serve(name: str, host: str | None = None, port: int | None = None, config_path: str | None = None) -> None:
+    """Start service ``name`` and block until SIGTERM / SIGINT, then stop gracefully."""
+    running = start(name, load_config(config_path), host, port)
+    print(f"covrl {name} serving on {running.address}", flush=True)
+    running.serve_until_signal()

@@ -1,0 +1,219 @@
+import math
+
+import pytest
+import torch
+
+from covrl.learner import LearnerConfig, LearnerCore, NonFiniteLossError, NothingToTrainError
+from covrl.models import tiny_causal_lm
+
+METRIC_KEYS = {"loss", "entropy", "cov", "clip_frac", "selected_frac", "approx_kl", "abs_delta_logp",
+               "grad_norm", "n_tokens", "n_trajectories", "reward_mean", "response_len_mean",
+               "weight_version", "time_s", "skipped_minibatches"}
+
+
+def core(**kw):
+    kw.setdefault("lr", 1e-3)
+    return LearnerCore(LearnerConfig(**kw), model=tiny_causal_lm())
+
+
+def weights(c):
+    return {k: v.clone() for k, v in c.named_tensors()}
+
+
+def single_logprobs(model, t, temperature):
+    ids = torch.tensor([t["prompt_ids"] + t["completion_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float() / temperature
+    p = len(t["prompt_ids"])
+    logp = torch.log_softmax(logits[p - 1:-1], -1)
+    lp = logp.gather(-1, torch.tensor(t["completion_ids"])[:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def test_logprobs_padding_invariant_and_exact(batch):
+    c = core(temperature=0.7, micro_batch_size=3)
+    lps, ents = c.logprobs(batch)
+    for t, lp, ent in zip(batch, lps, ents, strict=True):
+        ref_lp, ref_ent = single_logprobs(c.policy, t, 0.7)
+        torch.testing.assert_close(torch.tensor(lp), ref_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(ent), ref_ent, atol=1e-5, rtol=0)
+
+
+def test_logprobs_match_hf_sampling_within_1e4():
+    """The log-probs HF ``generate`` samples with (temperature-processed scores) match ours."""
+    model = tiny_causal_lm()
+    c = LearnerCore(LearnerConfig(temperature=0.8), model=tiny_causal_lm())
+    prompt = torch.tensor([[5, 17, 33, 42, 9]])
+    torch.manual_seed(3)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=0.8,
+                         top_p=1.0, top_k=0, max_new_tokens=12,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    comp = out.sequences[0, prompt.shape[1]:]
+    eng = torch.stack([torch.log_softmax(s[0].float(), -1)[tok] for s, tok in zip(out.scores, comp, strict=True)])
+    lps, _ = c.logprobs([dict(prompt_ids=prompt[0].tolist(), completion_ids=comp.tolist())])
+    assert (torch.tensor(lps[0]) - eng).abs().max() < 1e-4
+
+
+def test_train_step_metrics_and_version(batch):
+    c = core(loss_mode="kl_cov", kl_cov_fraction=0.1)
+    w0 = weights(c)
+    c.submit(batch)
+    m = c.train_step()
+    assert METRIC_KEYS <= set(m)
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["weight_version"] == 1 and c.weight_version == 1
+    assert m["n_trajectories"] == 8 and m["n_tokens"] == sum(len(t["completion_ids"]) for t in batch)
+    assert m["selected_frac"] > 0
+    assert any(not torch.equal(w0[k], v) for k, v in c.named_tensors())
+    with pytest.raises(NothingToTrainError):
+        c.train_step()
+
+
+def test_entropy_and_cov_metrics_are_exact(batch):
+    c = core(recompute_old_logprobs=True)
+    lps, ents = c.logprobs(batch)
+    from covrl.advantages import compute_advantages
+
+    adv = compute_advantages("grpo", [t["reward"] for t in batch], [t["group_id"] for t in batch])
+    flat_lp = torch.tensor([x for row in lps for x in row], dtype=torch.float64)
+    flat_ent = torch.tensor([x for row in ents for x in row], dtype=torch.float64)
+    flat_a = torch.cat([adv[i].double().repeat(len(r)) for i, r in enumerate(lps)])
+    cov = ((flat_lp - flat_lp.mean()) * (flat_a - flat_a.mean())).mean()
+    c.submit(batch)
+    m = c.train_step()
+    assert m["entropy"] == pytest.approx(float(flat_ent.mean()), abs=1e-5)
+    assert m["cov"] == pytest.approx(float(cov), abs=1e-5)
+    assert m["approx_kl"] == pytest.approx(float((-4.6 - flat_lp).mean()), abs=1e-4)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_does_not_change_the_update(batch, agg):
+    # adam_eps=1 makes Adam's first step ~ lr * g / (|g| + 1): smooth in g, so comparable.
+    kw = dict(loss_mode="ppo", agg=agg, adam_eps=1.0, lr=1.0, shuffle=False, entropy_coef=0.01)
+    a, b = core(micro_batch_size=1, **kw), core(micro_batch_size=8, **kw)
+    for c in (a, b):
+        c.submit(batch)
+    ma, mb = a.train_step(), b.train_step()
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+
+
+def test_deterministic_given_seed(batch):
+    kw = dict(loss_mode="clip_cov", clip_cov_fraction=0.2, clip_cov_lb=-10.0, mini_batch_size=4,
+              ppo_epochs=2, micro_batch_size=2)
+    a, b = core(**kw), core(**kw)
+    for c in (a, b):
+        c.submit(batch)
+    assert a.train_step() | {"time_s": 0} == b.train_step() | {"time_s": 0}
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_positive_advantage_raises_its_logprob():
+    t_good = dict(prompt_ids=[5, 6, 7], completion_ids=[10, 11, 12], logprobs=[-4.6] * 3, reward=1.0, group_id="a")
+    t_bad = dict(prompt_ids=[5, 6, 7], completion_ids=[20, 21, 22], logprobs=[-4.6] * 3, reward=0.0, group_id="a")
+    c = core(loss_mode="ppo", recompute_old_logprobs=True, lr=1e-2)
+    before, _ = c.logprobs([t_good, t_bad])
+    c.submit([t_good, t_bad])
+    c.train_step()
+    after, _ = c.logprobs([t_good, t_bad])
+    assert sum(after[0]) > sum(before[0]) and sum(after[1]) < sum(before[1])
+
+
+def test_high_entropy_tokens_only(batch):
+    c = core(entropy_top_quantile=0.2)
+    c.submit(batch)
+    m = c.train_step()
+    assert m["n_train_tokens"] == math.ceil(0.2 * m["n_tokens"])  # entropies of a random model: no ties
+
+
+def test_tis_and_all_modes_run(batch):
+    for mode in ("ppo", "clip_cov", "kl_cov"):
+        c = core(loss_mode=mode, recompute_old_logprobs=True, tis_cap=2.0, clip_high=0.28)
+        c.submit(batch)
+        m = c.train_step()
+        assert math.isfinite(m["loss"]) and m["skipped_minibatches"] == 0
+
+
+def test_nonfinite_loss_is_skipped_or_raised(batch):
+    c = core()
+    with torch.no_grad():
+        next(c.policy.parameters()).fill_(float("nan"))
+    c.submit(batch)
+    m = c.train_step()
+    assert m["skipped_minibatches"] == 1 and m["n_updates"] == 0 and c.weight_version == 0
+    c2 = core(on_nonfinite="raise")
+    with torch.no_grad():
+        next(c2.policy.parameters()).fill_(float("nan"))
+    c2.submit(batch)
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        c2.train_step()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("logprobs", [-1.0], r"trajectories\[1\]\.logprobs must have one entry"),
+    ("logprobs", None, r"trajectories\[1\]\.logprobs\[0\] must be a finite"),
+    ("completion_ids", None, r"trajectories\[1\]\.completion_ids\[1\] must be a token id"),
+    ("prompt_ids", [], r"trajectories\[1\]\.prompt_ids must be non-empty"),
+    ("reward", float("inf"), r"trajectories\[1\]\.reward must be finite"),
+])
+def test_submit_rejects_bad_input_atomically(batch, field, value, match):
+    c = core()
+    bad = dict(batch[1])
+    if field == "logprobs" and value is None:
+        value = [float("nan")] + bad["logprobs"][1:]
+    if field == "completion_ids" and value is None:
+        value = [5, 10**6] + bad["completion_ids"][2:]
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+        c.submit([batch[0], bad])
+    assert c.n_pending == 0
+
+
+def test_submit_limits_pending(batch):
+    c = core(max_pending_trajectories=10)
+    c.submit(batch)
+    with pytest.raises(OverflowError, match="max_pending_trajectories"):
+        c.submit(batch)
+    assert c.n_pending == 8
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kl_cov_fraction=20.0), "kl_cov_fraction"),
+    (dict(entropy_top_quantile=20), "entropy_top_quantile"),
+    (dict(tis_cap=2.0), "tis_cap"),
+    (dict(loss_mode="grpo"), "loss_mode"),
+    (dict(advantage="gae"), "advantage"),
+])
+def test_config_errors_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LearnerConfig(**kw)
+    with pytest.raises(ValueError, match="unknown learner config"):
+        LearnerConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
+
+
+def test_checkpoint_roundtrip_and_resume_equality(tmp_path, batch, make_batch):
+    from transformers import AutoModelForCausalLM
+
+    b2 = make_batch(seed=1)
+    a = core(mini_batch_size=4)
+    a.submit(batch)
+    a.train_step()
+    a.save_checkpoint(str(tmp_path / "ck"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"))
+    wa = weights(a)
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(v, wa[k], atol=0, rtol=0)
+    a.submit(b2)
+    m_a = a.train_step()
+    r = core(mini_batch_size=4)
+    r.load_checkpoint(str(tmp_path / "ck"))
+    assert r.weight_version == 1
+    r.submit(b2)
+    m_r = r.train_step()
+    assert m_a | {"time_s": 0} == m_r | {"time_s": 0}
+    wr = weights(r)
+    assert all(torch.equal(wa2, wr[k]) for k, wa2 in weights(a).items())

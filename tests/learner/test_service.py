@@ -1,0 +1,122 @@
+"""LearnerServicer in-process on 127.0.0.1:0, with an in-process rollout server to push to."""
+
+import math
+
+import grpc
+import pytest
+import torch
+
+from covrl.client import ClientError, LearnerClient, RolloutClient, SamplingParams, Trajectory
+from covrl.engines.transformers_engine import TransformersEngine
+from covrl.learner import LearnerConfig, LearnerCore
+from covrl.models import save_tiny_model
+from covrl.services.common import ServerConfig, start_server
+from covrl.services.launch import start
+from covrl.services.rollout import RolloutServicer, rollout_binding
+
+TEMP = 0.9
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def rollout(model_dir):
+    engine = TransformersEngine(model_path=model_dir)
+    srv = start_server([rollout_binding(RolloutServicer(engine))], ServerConfig())
+    client = RolloutClient(srv.address)
+    yield srv, client, engine
+    client.close()
+    srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def learner(model_dir, tmp_path_factory):
+    cfg = {"learner": {"model": model_dir, "lr": 1e-2, "temperature": TEMP, "entropy_coef": 0.05,
+                       "loss_mode": "ppo"},
+           "checkpoint_dir": str(tmp_path_factory.mktemp("ck"))}
+    srv = start("learner", cfg)
+    client = LearnerClient(srv.address, max_attempts=1)
+    yield srv, client
+    client.close()
+    srv.stop(0)
+
+
+def _trajs(rollout_client, n=2, seed=0):
+    res = rollout_client.generate([[5, 20, 30, 40], [7, 8, 9]], SamplingParams(n=n, temperature=TEMP,
+                                                                              max_new_tokens=6, seed=seed))
+    return [Trajectory.from_sample(r, s, reward=float(j % 2)) for r in res for j, s in enumerate(r.samples)]
+
+
+def test_engine_logprobs_match_learner_within_1e4(rollout, model_dir):
+    _, rc, _ = rollout
+    trajs = _trajs(rc, n=3)
+    core = LearnerCore(LearnerConfig(model=model_dir, temperature=TEMP, micro_batch_size=4))
+    lps, _ = core.logprobs([dict(prompt_ids=t.prompt_token_ids, completion_ids=t.completion_token_ids)
+                            for t in trajs])
+    err = max(abs(a - b) for t, lp in zip(trajs, lps, strict=True)
+              for a, b in zip(t.behavior_logprobs, lp, strict=True))
+    assert err < 1e-4
+
+
+def test_bad_input_gets_the_right_status_and_server_keeps_serving(learner, rollout):
+    _, lc = learner
+    _, rc, _ = rollout
+    good = _trajs(rc)[0]
+    cases = [
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "trajectories"),
+        ([Trajectory(good.prompt_token_ids, good.completion_token_ids, good.behavior_logprobs[:-1], 1.0)],
+         grpc.StatusCode.INVALID_ARGUMENT, "behavior_logprobs must have one entry"),
+        ([Trajectory(good.prompt_token_ids, good.completion_token_ids,
+                     [math.nan] + good.behavior_logprobs[1:], 1.0)],
+         grpc.StatusCode.INVALID_ARGUMENT, r"behavior_logprobs[0]"),
+        ([Trajectory(good.prompt_token_ids, [10**6], [-1.0], 1.0)],
+         grpc.StatusCode.INVALID_ARGUMENT, "completion_token_ids[0]"),
+        ([Trajectory([], good.completion_token_ids, good.behavior_logprobs, 1.0)],
+         grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+    ]
+    for trajs, code, needle in cases:
+        with pytest.raises(ClientError) as e:
+            lc.submit_rollouts(trajs)
+        assert e.value.code == code and needle in e.value.details, e.value.details
+    with pytest.raises(ClientError) as e:
+        lc.train()
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(ClientError) as e:
+        lc.register_rollout_server("not an address")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert lc.submit_rollouts([good]).accepted == 1
+    lc.train(skip_push=True)
+
+
+def test_train_pushes_weights_and_streams_metrics(learner, rollout, tmp_path):
+    srv, lc = learner
+    _, rc, engine = rollout
+    reg = lc.register_rollout_server(rc.address, push_now=True)  # the learner trained once already
+    assert reg.num_servers == 1 and reg.push.ok, reg.push
+    v0 = rc.get_info().weight_version
+    assert v0 == reg.weight_version == 1
+    sub = lc.submit_rollouts(_trajs(rc, n=2))
+    assert sub.buffered_trajectories == 4 and sub.buffered_groups == 2
+    res = lc.train(recompute_old_logprobs=True)
+    assert res.weight_version > 0 and res.num_trajectories == 4
+    assert abs(res.metrics["approx_kl"]) < 1e-4  # engine log-probs == learner log-probs
+    assert [p.ok for p in res.pushes] == [True], res.pushes
+    assert rc.get_info().weight_version == res.weight_version > v0
+    version, weights = lc.get_weights(chunk_bytes=1000)
+    assert version == res.weight_version
+    for name, p in engine.model.named_parameters():
+        torch.testing.assert_close(weights[name], p.detach())
+    ck = lc.checkpoint()
+    assert ck.weight_version == res.weight_version and ck.size_bytes > 0
+    ck2 = lc.checkpoint(str(tmp_path / "explicit"))
+    assert ck2.path.endswith("explicit")
+
+
+def test_metrics_stream_replays_history(learner):
+    _, lc = learner
+    it = lc.metrics(include_history=True, timeout_s=5.0)
+    ev = next(it)
+    assert ev.step >= 1 and "entropy" in ev.metrics and "cov" in ev.metrics

@@ -1,0 +1,65 @@
+"""Fixtures: real servers on 127.0.0.1:0 (never a fixed port), stopped after each test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covrl.engines.transformers_engine import TransformersEngine
+from covrl.models import char_tokenizer, tiny_causal_lm
+from covrl.services.common import ServerConfig, start_server
+from covrl.services.reward import RewardServicer, reward_binding
+from covrl.services.rollout import RolloutServicer, rollout_binding
+
+# Tiny models: one thread is fastest and fair to the other processes on a small CI box.
+torch.set_num_threads(1)
+
+
+class FakeVerifier:
+    """The covrl.rewards.Verifier contract: .version, .score(items) -> results, .close()."""
+
+    version = "fake/1"
+
+    def __init__(self):
+        self.closed = False
+        self.calls = 0
+
+    def score(self, items):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        out = []
+        for it in items:
+            if it.task not in ("exact",):
+                out.append(SimpleNamespace(reward=0.0, status="unknown_task", detail=f"no task {it.task}", cached=False))
+            else:
+                ok = it.completion.strip() == it.ground_truth
+                out.append(SimpleNamespace(reward=float(ok), status="ok", detail=repr(it.metadata), cached=False))
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def engine(tokenizer):
+    return TransformersEngine(tiny_causal_lm(len(tokenizer), seed=0), tokenizer, max_batch_size=8)
+
+
+@pytest.fixture
+def rollout_server(engine):
+    srv = start_server([rollout_binding(RolloutServicer(engine))], ServerConfig(max_message_bytes=1 * 2**20))
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def reward_server():
+    srv = start_server([reward_binding(RewardServicer(FakeVerifier()))], ServerConfig(max_message_bytes=64 * 1024))
+    yield srv
+    srv.stop(0)
