@@ -9,8 +9,9 @@ Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
 """
 
 from covrl._ext import kernel_info
-from covrl.ops import logprob_entropy, policy_loss
+from covrl.ops import Selection, compute_selection, logprob_entropy, policy_loss, policy_loss_selected
 
 __version__ = "0.1.0"
 
 __all__ = ["kernel_info", "logprob_entropy", "policy_loss", "__version__"]
+__all__ += ["Selection", "compute_selection", "policy_loss_selected"]

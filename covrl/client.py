@@ -389,6 +389,12 @@ class RolloutClient(_Client):
     def __init__(self, address: str, **kwargs):
         super().__init__(address, **kwargs)
         self.stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
+        # UpdateWeights with chunks serialized by covrl.services.tensors.encode_chunk (one copy less)
+        self._update_weights_raw = self.channel.stream_unary(
+            "/covrl.v1.RolloutService/UpdateWeights",
+            request_serializer=None,
+            response_deserializer=rollout_pb2.UpdateWeightsResponse.FromString,
+        )
 
     def _request(self, prompts, sampling, prompt_ids) -> rollout_pb2.GenerateRequest:
         prompt_ids = list(prompt_ids) if prompt_ids is not None else [""] * len(prompts)
@@ -427,13 +433,13 @@ class RolloutClient(_Client):
         floating tensors are cast to ``dtype`` when given. The server swaps atomically at
         the end. A mapping is re-sent on UNAVAILABLE; an iterator is sent once.
         """
-        from covrl.services.tensors import iter_tensor_chunks
+        from covrl.services.tensors import iter_encoded_chunks
 
         def chunks():
-            return iter_tensor_chunks(named_tensors, version, chunk_bytes=chunk_bytes, cast_to=dtype)
+            return iter_encoded_chunks(named_tensors, version, chunk_bytes=chunk_bytes, cast_to=dtype)
 
         resp = self._call(
-            "UpdateWeights", self.stub.UpdateWeights, chunks, timeout_s, retry=isinstance(named_tensors, Mapping)
+            "UpdateWeights", self._update_weights_raw, chunks, timeout_s, retry=isinstance(named_tensors, Mapping)
         )
         return _from_proto(UpdateWeightsResult, resp)
 
@@ -535,7 +541,7 @@ class LearnerClient(_Client):
                 for chunk in self.stub.GetWeights(req, timeout=self.timeout_s if timeout_s is None else timeout_s,
                                                   metadata=self._metadata):
                     asm.add(chunk)
-                return asm.weight_version or 0, asm.finish()
+                return asm.weight_version or 0, asm.finish(writable=True)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self.max_attempts:
                     self._sleep(attempt)

@@ -33,17 +33,20 @@ the pre-update weights).
 
 Deviations, on purpose:
 
-* Clip-Cov / KL-Cov select their tokens within each micro-batch (``covrl.policy_loss``
-  sees one micro-batch). With ``micro_batch_size >= mini_batch_size`` this equals the
-  paper. The centring means of the covariance are the micro-batch's too.
+* Clip-Cov / KL-Cov token selection: with ``global_selection`` (default) and
+  ``covrl.compute_selection`` available (the ``loss`` branch), the selection and the
+  covariance's centring means are computed over the whole mini-batch across all ranks, from
+  one extra no-grad forward per mini-batch (the current weights, as the paper). Without
+  it, each micro-batch selects on its own (``covrl.policy_loss`` sees one micro-batch); with
+  ``micro_batch_size >= mini_batch_size`` on one process both equal the paper.
 * 80/20 (Wang et al. 2025, "Beyond the 80/20 rule"): the top-``entropy_top_quantile``
   tokens by entropy are chosen once per step over the whole batch from the scoring pass
   (pre-update weights), not per mini-batch; other tokens are dropped from the loss's
   mask (and so from its denominator). The entropy bonus still covers all response tokens.
 * ``seq-mean-token-sum-norm`` normalises by ``loss_scale_factor`` or, when unset, by the
   longest completion in the batch (not each micro-batch's padded length).
-* The model runs in ``eval()`` mode (no dropout) so its log-probs match the rollout
-  engine's.
+* Dropout is disabled (modules and ``*dropout`` config values set to 0) so the learner's
+  log-probs match the rollout engine's.
 * A mini-batch whose loss or gradient norm is not finite is skipped (gradients dropped,
   no optimizer step) and counted in ``skipped_minibatches``; ``on_nonfinite="raise"``
   raises :class:`NonFiniteLossError` instead. Inputs are validated at :meth:`submit`.
@@ -57,6 +60,7 @@ the global token counts, so the update equals a single process's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +74,10 @@ import torch.distributed as dist
 import covrl
 from covrl import reference
 from covrl.advantages import ESTIMATORS, compute_advantages
+
+# LearnerConfig fields a single train_step may override (``loss_overrides``).
+OVERRIDABLE = ("clip_low", "clip_high", "dual_clip", "clip_cov_fraction", "clip_cov_lb", "clip_cov_ub",
+               "kl_cov_fraction", "kl_coef", "entropy_coef", "entropy_top_quantile", "tis_cap")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,6 +130,9 @@ class LearnerConfig:
     kl_cov_fraction: float = _f(2e-4, "KL-Cov: fraction of tokens with the KL penalty (a fraction, not %)")
     kl_coef: float = _f(1.0, "KL-Cov: coefficient of |logp - old_logp| on selected tokens")
     loss_scale_factor: float | None = _f(None, "seq-mean-token-sum-norm divisor (default: longest completion)")
+    global_selection: bool = _f(True, "Clip-Cov/KL-Cov select over the whole mini-batch (all ranks) via "
+                                "covrl.compute_selection when it exists (costs one no-grad forward per "
+                                "mini-batch); else within each micro-batch")
     # --- entropy control and off-policy correction
     entropy_coef: float = _f(0.0, "entropy bonus: subtract entropy_coef * token-mean entropy")
     entropy_top_quantile: float = _f(0.0, "80/20: train only on this top fraction of tokens by entropy (0 = all)")
@@ -197,6 +208,12 @@ class Trajectory:
         if isinstance(t, Trajectory):
             return t
         if isinstance(t, dict):
+            known = {f.name for f in fields(cls)}
+            missing = sorted({"prompt_ids", "completion_ids", "logprobs", "reward"} - set(t))
+            if set(t) - known or missing:
+                raise ValueError(f"trajectory keys must be some of {sorted(known)} including "
+                                 f"{['prompt_ids', 'completion_ids', 'logprobs', 'reward']}; "
+                                 f"unknown {sorted(set(t) - known)}, missing {missing}")
             return cls(**t)
         return cls(
             prompt_ids=list(t.prompt_ids), completion_ids=list(t.completion_ids),
@@ -242,10 +259,12 @@ class _Packed:
     mask: torch.Tensor  # [B, C] bool, True on completion tokens
 
 
-def _pack(trajs: list[Trajectory], device) -> _Packed:
-    """``[left-padded prompt | right-padded completion]``; prompts end at the same column."""
+def _pack(trajs: list[Trajectory], device, width: int = 0) -> _Packed:
+    """``[left-padded prompt | right-padded completion]``; prompts end at the same column.
+
+    Completions are padded to at least ``width`` tokens."""
     p_max = max(len(t.prompt_ids) for t in trajs)
-    c_max = max(len(t.completion_ids) for t in trajs)
+    c_max = max(width, *(len(t.completion_ids) for t in trajs))
     b = len(trajs)
     ids = torch.zeros(b, p_max + c_max, dtype=torch.long)
     am = torch.zeros(b, p_max + c_max, dtype=torch.long)
@@ -268,6 +287,16 @@ def _resolve_device(spec: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def _disable_dropout(model) -> None:
+    """Zero every dropout probability (modules and ``*dropout`` config floats)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key, value in list(vars(model.config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -299,9 +328,12 @@ class LearnerCore:
 
             model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype])
         model = model.to(device=self.device, dtype=_DTYPES[config.dtype])
+        _disable_dropout(model)  # log-probs must match the rollout engine's
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.eval()  # no dropout: log-probs must match the rollout engine's
+            model.train()  # HF checkpoints activations only in train mode; dropout is off anyway
+        else:
+            model.eval()
         self.vocab_size = int(model.config.vocab_size)
         self.max_len = getattr(model.config, "max_position_embeddings", None)
         if self.world_size > 1:
@@ -387,20 +419,34 @@ class LearnerCore:
         return len({t.group_id for t in self._pending})
 
     # ------------------------------------------------------------------ train
-    def train_step(self, *, max_trajectories: int = 0, recompute_old_logprobs: bool | None = None) -> dict[str, float]:
+    def train_step(self, *, max_trajectories: int = 0, recompute_old_logprobs: bool | None = None,
+                   loss_overrides: dict[str, float] | None = None) -> dict[str, float]:
         """One step over the pending trajectories; returns the metrics dict (see docs/learner.md).
 
         ``max_trajectories``: train on at most this many, whole groups, oldest first (0 = all);
         the rest stay pending. ``recompute_old_logprobs``: override the config for this step.
+        ``loss_overrides``: loss settings for this step only ({field: value}, fields in
+        :data:`OVERRIDABLE`), e.g. an entropy controller's ``{"kl_coef": 2.3}``.
         """
         if not self._pending:
             raise NothingToTrainError("no trajectories submitted since the last train_step")
-        recompute = self.config.recompute_old_logprobs if recompute_old_logprobs is None else bool(recompute_old_logprobs)
-        if self.config.tis_cap > 0 and not recompute:
-            raise ValueError("recompute_old_logprobs cannot be turned off while tis_cap > 0")
+        cfg = self._step_config(recompute_old_logprobs, loss_overrides)
         batch = self._take(max_trajectories)
-        self._command("train", (batch, recompute))
-        return self._train(batch, recompute)
+        self._command("train", (batch, cfg))
+        return self._train(batch, cfg)
+
+    def _step_config(self, recompute, overrides) -> LearnerConfig:
+        """This step's config: the learner's, with the per-step overrides applied and validated."""
+        overrides = dict(overrides or {})
+        bad = sorted(set(overrides) - set(OVERRIDABLE))
+        if bad:
+            raise ValueError(f"loss_overrides: {bad} cannot be overridden per step; allowed: {list(OVERRIDABLE)}")
+        for k, v in overrides.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"loss_overrides[{k!r}] must be a finite number, got {v!r}")
+        if recompute is not None:
+            overrides["recompute_old_logprobs"] = bool(recompute)
+        return dataclasses.replace(self.config, **overrides) if overrides else self.config  # validates
 
     def _take(self, max_trajectories: int) -> list[Trajectory]:
         if max_trajectories < 0:
@@ -491,12 +537,48 @@ class LearnerCore:
         """Clip-Cov's random-pick seed for one micro-batch (independent of the world size)."""
         return ((((self.config.seed * 1_000_003 + self.step) * 1009 + epoch) * 100_003 + mb_start) * 1009 + i_micro + 1) % 2**62
 
-    def _selection(self, rows):
-        """Global Clip-Cov / KL-Cov selection over a mini-batch; None = per micro-batch (see docstring)."""
-        return None
+    def _selection(self, cfg, batch, chunks, old, adv, train_mask, c_max, seed, current_lp=None):
+        """Global Clip-Cov / KL-Cov selection over this mini-batch (all ranks), or None.
 
-    def _train(self, batch: list[Trajectory], recompute: bool) -> dict[str, float]:
-        cfg, dev = self.config, self.device
+        None means each micro-batch selects on its own: for ``ppo``, with
+        ``global_selection=False``, when ``covrl.compute_selection`` is absent, or when one
+        process sees the whole mini-batch in a single micro-batch (already global).
+        ``chunks``: this rank's ``(index, rows)`` micro-batches; the selection covers their
+        rows concatenated in that order, each padded to ``c_max`` completion tokens.
+        ``current_lp`` [N, C]: log-probs already known under the current weights (the
+        scoring pass, before the first update), which saves the extra forward.
+        """
+        compute = getattr(covrl, "compute_selection", None)
+        local = [rows for _, rows in chunks if rows]
+        if cfg.loss_mode == "ppo" or not cfg.global_selection or compute is None:
+            return None
+        if self.world_size == 1 and len(local) <= 1:
+            return None
+        rows = [r for chunk in local for r in chunk]
+        if current_lp is not None:
+            return self._compute_selection(compute, cfg, current_lp[rows], old, adv, train_mask, rows, seed)
+        lp = torch.zeros(len(rows), c_max, dtype=torch.float32, device=self.device)  # [R, C]
+        with torch.no_grad():
+            at = 0
+            for _, chunk in chunks:
+                pk = _pack([batch[r] for r in (chunk or [0])], self.device, width=c_max)
+                cur, _ = self._logits_lp_ent(pk)
+                if chunk:
+                    lp[at: at + len(chunk)] = torch.where(pk.mask, cur, 0.0)
+                    at += len(chunk)
+        return self._compute_selection(compute, cfg, lp, old, adv, train_mask, rows, seed)
+
+    def _compute_selection(self, compute, cfg, lp, old, adv, train_mask, rows, seed):
+        return compute(
+            lp, old[rows], adv[rows][:, None].expand_as(lp), train_mask[rows], mode=cfg.loss_mode,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_cov_fraction=cfg.clip_cov_fraction,
+            clip_cov_lb=cfg.clip_cov_lb, clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
+            seed=seed, process_group=dist.group.WORLD if self.world_size > 1 else None,
+        )
+
+    def _train(self, batch: list[Trajectory], cfg: LearnerConfig) -> dict[str, float]:
+        dev = self.device
+        recompute = cfg.recompute_old_logprobs
         t0 = time.perf_counter()
         n = len(batch)
         c_max = max(len(t.completion_ids) for t in batch)
@@ -547,12 +629,16 @@ class LearnerCore:
                 n_train_tok = float(tok_mask.sum())
                 n_seq = float((tok_mask.sum(-1) > 0).sum())
                 n_resp_tok = float(resp_mask[mb].sum())
-                sel = self._selection(mb)
+                chunks = self._rank_chunks(mb)
+                fresh = measured and n_updates == 0 and skipped == 0  # no update yet: meas_lp is current
+                sel = self._selection(cfg, batch, chunks, old, adv, train_mask, c_max, self._loss_seed(epoch, start, 0),
+                                      current_lp=meas_lp if fresh else None)
+                sel_at = 0  # this rank's row offset into the selection
                 nonfinite = 0.0
-                for i_micro, chunk in self._rank_chunks(mb):
+                for i_micro, chunk in chunks:
                     rows = chunk or [mb[0]]
                     weight = 1.0 if chunk else 0.0
-                    pk = _pack([batch[r] for r in rows], dev)
+                    pk = _pack([batch[r] for r in rows], dev, width=c_max if sel is not None else 0)
                     c = pk.labels.shape[1]
                     lp, ent = self._logits_lp_ent(pk)  # [b, c]
                     m_train = train_mask[rows, :c]
@@ -560,18 +646,32 @@ class LearnerCore:
                     is_w = None
                     if cfg.tis_cap > 0:
                         is_w = torch.exp(old_c - behaviour[rows, :c]).clamp(max=cfg.tis_cap)
+                    sel_rows = None
+                    if sel is not None and chunk:
+                        sel_rows, sel_at = sel.rows(sel_at, sel_at + len(chunk)), sel_at + len(chunk)
+                    if not bool(torch.isfinite(torch.where(m_train, lp.detach() + old_c, 0.0)).all()):
+                        # A diverged model: skip this mini-batch (backward still runs, keeping
+                        # FSDP's collectives in step; its gradients are dropped below).
+                        nonfinite = 1.0
+                        (lp.sum() * 0.0).backward()
+                        if epoch == 0 and not measured and chunk:
+                            meas_lp[rows] = float("nan")
+                            meas_ent[rows] = float("nan")
+                        continue
                     pg, m = covrl.policy_loss(
                         lp, old_c, adv[rows][:, None].expand_as(lp), m_train,
                         mode=cfg.loss_mode, agg=cfg.agg, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         dual_clip=cfg.dual_clip if cfg.loss_mode == "ppo" else None,
                         clip_cov_fraction=cfg.clip_cov_fraction, clip_cov_lb=cfg.clip_cov_lb,
-                        clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
-                        kl_coef=cfg.kl_coef, seed=self._loss_seed(epoch, start, i_micro),
+                        clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction, kl_coef=cfg.kl_coef,
+                        seed=self._loss_seed(epoch, start, 0 if sel is not None else i_micro),
                         is_weights=is_w, loss_scale_factor=loss_scale_factor,
-                        **({"selection": sel.rows(i_micro * cfg.micro_batch_size, i_micro * cfg.micro_batch_size + len(rows))} if sel is not None else {}),
+                        **({"selection": sel_rows} if sel_rows is not None else {}),
                     )
                     n_loc_tok = float(m_train.sum())
-                    if cfg.agg == "token-mean":
+                    if sel_rows is not None:
+                        share = 1.0  # the selection carries the mini-batch's global denominators
+                    elif cfg.agg == "token-mean":
                         share = n_loc_tok / max(n_train_tok, 1.0)
                     else:
                         share = float((m_train.sum(-1) > 0).sum()) / max(n_seq, 1.0)

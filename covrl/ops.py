@@ -3,23 +3,27 @@
 Each op validates its arguments here (errors name the argument), then runs the
 compiled kernel when ``covrl._C`` has one for the tensors' device, else the
 plain-PyTorch reference in ``covrl/reference.py``.
-
-NOTE: this first version runs the reference only; the compiled kernels land next.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from covrl import reference
+from covrl import _ext, reference
 
 _WARNED_FRACTION: set[str] = set()
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+METRIC_NAMES = ("clip_frac", "selected_frac", "n_candidates", "approx_kl", "abs_delta_logp", "cov",
+                "n_valid", "k", "nonfinite")
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
     if value > 0.05 and name not in _WARNED_FRACTION:
         _WARNED_FRACTION.add(name)
@@ -28,8 +32,246 @@ def _check_fraction(name: str, value: float) -> None:
             f"PRIME-RL's scripts passed percents (k_percent=0.2 meant 0.2%). If you meant a "
             f"percent, pass {value / 100:g}.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _check_number(name, value, *, low=None, strict=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def _check_tensors(log_prob, old_log_prob, advantages, mask, is_weights):
+    named = {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages, "mask": mask}
+    if is_weights is not None:
+        named["is_weights"] = is_weights
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != log_prob.device:
+            raise ValueError(f"{name} must be on {log_prob.device} (the device of log_prob), got {t.device}")
+        if name != "mask" and t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be bool or real, got {mask.dtype}")
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be [B, T], got shape {tuple(log_prob.shape)}")
+    for name in ("old_log_prob", "mask", "is_weights"):
+        if name in named and named[name].shape != log_prob.shape:
+            raise ValueError(f"{name} must have the shape of log_prob {tuple(log_prob.shape)}, "
+                             f"got {tuple(named[name].shape)}")
+    if advantages.shape != log_prob.shape and tuple(advantages.shape) != (log_prob.shape[0],):
+        raise ValueError(f"advantages must be [B, T] {tuple(log_prob.shape)} or [B] "
+                         f"({log_prob.shape[0]},), got {tuple(advantages.shape)}")
+
+
+def _check_finite_host(log_prob, old_log_prob, advantages, mask, is_weights):
+    """Reference path only (the CPU kernel checks this itself; CUDA flags it on the device)."""
+    valid = mask != 0
+    for name, t in (("log_prob", log_prob), ("old_log_prob", old_log_prob),
+                    ("advantages", advantages), ("is_weights", is_weights)):
+        if t is None:
+            continue
+        t = t.detach()
+        if t.dim() == 1:
+            t = t[:, None].expand(valid.shape)
+        if bool((~torch.isfinite(t) & valid).any()):
+            raise ValueError(f"{name} has a non-finite value at an unmasked position")
+
+
+def _check_config(mode, agg, clip_low, clip_high, dual_clip, clip_cov_fraction, clip_cov_lb,
+                  clip_cov_ub, kl_cov_fraction, kl_coef, seed, loss_scale_factor):
+    if mode not in reference.MODES:
+        raise ValueError(f"mode must be one of {reference.MODES}, got {mode!r}")
+    if agg not in reference.AGGS:
+        raise ValueError(f"agg must be one of {reference.AGGS}, got {agg!r}")
+    _check_fraction("clip_cov_fraction", clip_cov_fraction)
+    _check_fraction("kl_cov_fraction", kl_cov_fraction)
+    _check_number("clip_low", clip_low, low=0.0)
+    _check_number("clip_high", clip_high, low=0.0)
+    _check_number("dual_clip", dual_clip, low=1.0, strict=True, allow_none=True)
+    _check_number("clip_cov_lb", clip_cov_lb)
+    _check_number("clip_cov_ub", clip_cov_ub)
+    _check_number("kl_coef", kl_coef, low=0.0)
+    _check_number("loss_scale_factor", loss_scale_factor, low=0.0, strict=True, allow_none=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Selection statistics computed once over a whole mini-batch (:func:`compute_selection`).
+
+    ``stats``: float64 [4] (sum A, sum log p over valid tokens, n_valid, n_seq, summed over
+    ranks); ``meta``: int64 [2] (selection-key threshold, global index of this slice's first
+    row). Slice it per micro-batch with :meth:`rows`; pass the slice as ``selection=``.
+    """
+
+    stats: torch.Tensor
+    meta: torch.Tensor
+    n_rows: int
+    config: tuple
+
+    def rows(self, start: int, end: int) -> Selection:
+        """The selection for rows ``[start, end)`` of the mini-batch it was computed on."""
+        if not (0 <= start < end <= self.n_rows):
+            raise ValueError(f"rows({start}, {end}) must satisfy 0 <= start < end <= {self.n_rows}")
+        meta = self.meta.clone()
+        meta[1] += start  # a device op: no host round-trip on CUDA
+        return Selection(self.stats, meta, end - start, self.config)
+
+
+def _selection_config(mode, clip_low, clip_high, clip_cov_fraction, clip_cov_lb, clip_cov_ub,
+                      kl_cov_fraction, seed):
+    if mode == "kl_cov":
+        return (mode, kl_cov_fraction)
+    if mode == "clip_cov":
+        return (mode, float(clip_low), float(clip_high), clip_cov_fraction, float(clip_cov_lb),
+                float(clip_cov_ub), seed)
+    return (mode,)
+
+
+def _use_kernel(op: str, t: torch.Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda") and _ext.has_kernel(op, t.device.type)
+
+
+def _kth_smallest_key(keys, k, group):
+    """The k-th smallest key (k: int64 0-d tensor) among keys != NOT_ELIGIBLE, by a 4-round
+    16-bit radix select on histograms (all-reduced over ``group``): no host sync. Returns -1
+    for k == 0 and NOT_ELIGIBLE - 1 ("all of them") when fewer than k keys are eligible."""
+    keys = keys.reshape(-1)
+    elig = keys != reference.NOT_ELIGIBLE
+    prefix = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    krem = k.reshape(1).to(torch.int64)
+    n_elig = None
+    hi_mask = 0
+    for shift in (48, 32, 16, 0):
+        match = elig & ((keys & hi_mask) == prefix) if hi_mask else elig
+        digit = (keys >> shift) & 0xFFFF
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=keys.device)
+        hist.index_add_(0, digit, match.to(torch.int64))
+        if group is not None:
+            dist.all_reduce(hist, group=group)
+        csum = hist.cumsum(0)
+        if n_elig is None:
+            n_elig = csum[-1:]
+        b = torch.searchsorted(csum, krem).clamp_max((1 << 16) - 1)
+        krem = krem - (csum.gather(0, b) - hist.gather(0, b))
+        prefix = prefix | (b << shift)
+        hi_mask = ((1 << 63) - 1) & ~((1 << shift) - 1)
+    k1 = k.reshape(1)
+    thr = torch.where(n_elig < k1, torch.full_like(prefix, reference.NOT_ELIGIBLE - 1), prefix)
+    return torch.where(k1 <= 0, torch.full_like(prefix, -1), thr)
+
+
+def compute_selection(log_prob, old_log_prob, advantages, mask, *, mode="kl_cov", clip_low=0.2,
+                      clip_high=0.2, clip_cov_fraction=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                      kl_cov_fraction=2e-4, seed=0, process_group=None) -> Selection:
+    """Clip-Cov / KL-Cov selection over a whole mini-batch (all ranks of ``process_group``).
+
+    Valid-token sums combine across ranks with one ``all_reduce`` (which also carries each
+    rank's row count, giving global flat indices); the k-th key is found by 4 histogram
+    all-reduces. Pass ``sel.rows(start, end)`` as ``selection=`` to each micro-batch's
+    :func:`policy_loss` call: the selected set and the summed gradient then do not depend on
+    the split. No host synchronisation on CUDA. Rows must be whole sequences.
+    """
+    _check_tensors(log_prob, old_log_prob, advantages, mask, None)
+    _check_config(mode, "token-mean", clip_low, clip_high, None, clip_cov_fraction, clip_cov_lb,
+                  clip_cov_ub, kl_cov_fraction, 0.0, seed, None)
+    dev = log_prob.device
+    B = log_prob.shape[0]
+    valid = mask != 0
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand(log_prob.shape)
+    sums = reference._valid_sums(log_prob.detach().float(), adv.detach().float(), valid)
+    row_offset = torch.zeros(1, dtype=torch.int64, device=dev)
+    if process_group is not None:
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        buf = torch.zeros(4 + world, dtype=torch.float64, device=dev)
+        buf[:4] = sums
+        buf[4 + rank] = B
+        dist.all_reduce(buf, group=process_group)  # the one all-reduce of the sums
+        sums = buf[:4]
+        row_offset = buf[4:4 + rank].sum().to(torch.int64).reshape(1)
+    fraction = kl_cov_fraction if mode == "kl_cov" else clip_cov_fraction
+    n_valid = sums[2]
+    k = torch.where(n_valid > 0, torch.floor(fraction * n_valid).clamp_min(1.0), 0.0).to(torch.int64)
+    meta0 = torch.cat([torch.full((1,), -1, dtype=torch.int64, device=dev), row_offset])
+    if mode == "ppo":
+        thr = torch.full((1,), -1, dtype=torch.int64, device=dev)
+    else:
+        if _use_kernel("policy_loss_keys", log_prob):
+            keys = torch.ops.covrl.policy_loss_keys(
+                log_prob.detach(), old_log_prob.detach(), advantages.detach(), mask, sums, meta0, mode,
+                float(clip_low), float(clip_high), float(clip_cov_lb), float(clip_cov_ub), seed)
+        else:
+            keys = reference.selection_keys(
+                log_prob.detach(), old_log_prob.detach(), advantages.detach(), mask, sums,
+                int(row_offset), mode=mode, clip_low=clip_low, clip_high=clip_high,
+                clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, seed=seed)
+        thr = _kth_smallest_key(keys, k, process_group)
+    config = _selection_config(mode, clip_low, clip_high, clip_cov_fraction, clip_cov_lb, clip_cov_ub,
+                               kl_cov_fraction, seed)
+    return Selection(sums, torch.cat([thr, row_offset]), B, config)
+
+
+def policy_loss_selected(
+    log_prob,
+    old_log_prob,
+    advantages,
+    mask,
+    *,
+    mode="kl_cov",
+    agg="token-mean",
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    clip_cov_fraction=2e-4,
+    clip_cov_lb=1.0,
+    clip_cov_ub=5.0,
+    kl_cov_fraction=2e-4,
+    kl_coef=1.0,
+    seed=0,
+    is_weights=None,
+    selection=None,
+    loss_scale_factor=None,
+):
+    """:func:`policy_loss` that also returns the [B, T] bool mask of covariance-selected tokens."""
+    _check_tensors(log_prob, old_log_prob, advantages, mask, is_weights)
+    _check_config(mode, agg, clip_low, clip_high, dual_clip, clip_cov_fraction, clip_cov_lb,
+                  clip_cov_ub, kl_cov_fraction, kl_coef, seed, loss_scale_factor)
+    sel_stats = sel_meta = None
+    if selection is not None:
+        if not isinstance(selection, Selection):
+            raise ValueError(f"selection must come from covrl.compute_selection, got {type(selection).__name__}")
+        if selection.n_rows != log_prob.shape[0]:
+            raise ValueError(f"selection covers {selection.n_rows} rows but log_prob has "
+                             f"{log_prob.shape[0]}: pass sel.rows(start, end) for this micro-batch")
+        want = _selection_config(mode, clip_low, clip_high, clip_cov_fraction, clip_cov_lb,
+                                 clip_cov_ub, kl_cov_fraction, seed)
+        if selection.config != want:
+            raise ValueError(f"selection was computed with {selection.config}, this call uses {want}")
+        sel_stats, sel_meta = selection.stats, selection.meta
+    norm = float(loss_scale_factor) if loss_scale_factor is not None else float(log_prob.shape[-1])
+    if _use_kernel("policy_loss_fwd", log_prob):
+        fraction = kl_cov_fraction if mode == "kl_cov" else clip_cov_fraction
+        loss, _, m, selected = torch.ops.covrl.policy_loss_fwd(
+            log_prob, old_log_prob, advantages, mask, is_weights, sel_stats, sel_meta, mode, agg,
+            float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
+            float(fraction), float(clip_cov_lb), float(clip_cov_ub), float(kl_coef), seed, norm)
+        metrics = {name: m[i] for i, name in enumerate(METRIC_NAMES)}
+        return loss, metrics, selected
+    _check_finite_host(log_prob, old_log_prob, advantages, mask, is_weights)
+    return reference.policy_loss(
+        log_prob, old_log_prob, advantages, mask, mode=mode, agg=agg, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, clip_cov_fraction=clip_cov_fraction,
+        clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_fraction=kl_cov_fraction,
+        kl_coef=kl_coef, seed=seed, is_weights=is_weights, loss_scale_factor=loss_scale_factor,
+        selection_stats=sel_stats, selection_meta=sel_meta,
+    )
 
 
 def policy_loss(
@@ -53,22 +295,55 @@ def policy_loss(
     selection=None,
     loss_scale_factor=None,
 ):
-    """PPO / Clip-Cov / KL-Cov policy loss; returns ``(loss, metrics)``. See ``covrl.reference``."""
-    if mode not in reference.MODES:
-        raise ValueError(f"mode must be one of {reference.MODES}, got {mode!r}")
-    if agg not in reference.AGGS:
-        raise ValueError(f"agg must be one of {reference.AGGS}, got {agg!r}")
-    _check_fraction("clip_cov_fraction", clip_cov_fraction)
-    _check_fraction("kl_cov_fraction", kl_cov_fraction)
-    if selection is not None:
-        raise NotImplementedError("selection= lands with the compiled kernels")
-    loss, metrics, _ = reference.policy_loss(
+    """PPO / Clip-Cov / KL-Cov policy loss; returns ``(loss, metrics)``. See ``covrl.reference``.
+
+    Runs the compiled kernel (``covrl::policy_loss_fwd``) when there is one for the device.
+    The gradient flows to ``log_prob`` only. ``selection=`` takes ``compute_selection(...)
+    .rows(start, end)`` for split-invariant selection; the default selects within this call.
+    """
+    loss, metrics, _ = policy_loss_selected(
         log_prob, old_log_prob, advantages, mask, mode=mode, agg=agg, clip_low=clip_low,
         clip_high=clip_high, dual_clip=dual_clip, clip_cov_fraction=clip_cov_fraction,
         clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_fraction=kl_cov_fraction,
-        kl_coef=kl_coef, seed=seed, is_weights=is_weights, loss_scale_factor=loss_scale_factor,
-    )
+        kl_coef=kl_coef, seed=seed, is_weights=is_weights, selection=selection,
+        loss_scale_factor=loss_scale_factor)
     return loss, metrics
+
+
+def _register_policy_loss() -> None:
+    """register_fake + register_autograd for the compiled policy-loss ops."""
+    if not _ext._load():
+        return
+
+    @torch.library.register_fake("covrl::policy_loss_fwd")
+    def _fwd_fake(log_prob, old_log_prob, advantages, mask, is_weights, sel_stats, sel_meta, mode,
+                  agg, clip_low, clip_high, dual_clip, fraction, clip_cov_lb, clip_cov_ub, kl_coef,
+                  seed, norm):
+        acc = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+        return (log_prob.new_empty((), dtype=acc), log_prob.new_empty(log_prob.shape, dtype=acc),
+                log_prob.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
+                log_prob.new_empty(log_prob.shape, dtype=torch.bool))
+
+    @torch.library.register_fake("covrl::policy_loss_keys")
+    def _keys_fake(log_prob, *args):
+        return log_prob.new_empty(log_prob.shape, dtype=torch.int64)
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.lp_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.set_materialize_grads(False)  # no [B, T] zero tensors for the unused outputs
+
+    def _backward(ctx, g_loss, g_grad, g_metrics, g_selected):
+        (dlogp,) = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 18
+        return ((g_loss * dlogp).to(ctx.lp_dtype),) + (None,) * 17
+
+    torch.library.register_autograd("covrl::policy_loss_fwd", _backward, setup_context=_setup)
+
+
+_register_policy_loss()
 
 
 def logprob_entropy(logits, labels, *, temperature=1.0, with_entropy=True, inplace_grad=False):

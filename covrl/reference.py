@@ -31,7 +31,13 @@ Deviations from verl, on purpose:
   CPU and CUDA.
 * KL-Cov breaks ties in ``cov`` by the lower flat index (``torch.topk`` leaves it
   unspecified).
-* An all-masked batch gives loss 0 and a zero gradient instead of NaN.
+* An all-masked batch gives loss 0 and a zero gradient instead of NaN. Masked positions
+  may hold anything (NaN/inf padding included): they never reach the loss or the metrics.
+* The valid-token means of the covariance are float64 sums divided by the count, rounded
+  to float32 (kernels and reference then agree bit for bit on ``cov``).
+* Global selection (``covrl.compute_selection``, opt-in): the means, the denominators and
+  the selection threshold come from the whole mini-batch (all ranks), and tokens are keyed
+  by their global flat index, so the choice does not depend on the micro-batch split.
 * ``seq-mean-*`` aggregations average over sequences that have at least one valid
   token; ``seq-mean-token-sum-norm`` (Dr.GRPO) is ``sum(loss) / (n_seq * norm)`` with
   ``norm = T`` unless ``loss_scale_factor`` is given.
@@ -118,24 +124,45 @@ def _prepare(log_prob, old_log_prob, advantages, mask) -> _Prepared:
     return _Prepared(lp, olp, adv, valid)
 
 
-def centred_covariance(log_prob, advantages, mask) -> torch.Tensor:
-    """Per-token ``(A - mean A)(logp - mean logp)``, means over valid tokens; 0 where masked."""
+def _valid_sums(lp, adv, valid) -> torch.Tensor:
+    """float64 [4]: sum of A and of log p over valid tokens, n_valid, n_seq (rows with a valid token)."""
+    zero = torch.zeros((), dtype=torch.float64, device=lp.device)
+    return torch.stack([
+        torch.where(valid, adv.double(), zero).sum(),
+        torch.where(valid, lp.detach().double(), zero).sum(),
+        valid.double().sum(),
+        valid.any(-1).double().sum(),
+    ])
+
+
+def centred_covariance(log_prob, advantages, mask, stats=None) -> torch.Tensor:
+    """Per-token ``(A - mean A)(logp - mean logp)``, means over valid tokens; 0 where masked.
+
+    The means are float64 sums over the valid tokens divided by their count, rounded to
+    float32. ``stats`` (from :func:`_valid_sums`) supplies global sums instead.
+    """
     p = _prepare(log_prob, log_prob, advantages, mask)
-    vf = p.valid.float()
-    n = vf.sum().clamp_min(1.0)
-    mean_a = (p.adv * vf).sum() / n
-    mean_lp = (p.lp.detach() * vf).sum() / n
+    s = _valid_sums(p.lp, p.adv, p.valid) if stats is None else stats.double()
+    n = s[2].clamp_min(1.0)
+    mean_a = (s[0] / n).float()
+    mean_lp = (s[1] / n).float()
     cov = (p.adv - mean_a) * (p.lp.detach() - mean_lp)
     return torch.where(p.valid, cov, torch.zeros_like(cov))
 
 
-def _aggregate(loss, valid, agg, loss_scale_factor):
+def _aggregate(loss, valid, agg, loss_scale_factor, n_valid=None, n_seq=None):
+    """Aggregate per-token losses; ``n_valid`` / ``n_seq`` override the local denominators."""
     vf = valid.float()
-    masked = loss * vf
-    if agg == "token-mean":
-        return masked.sum() / vf.sum().clamp_min(1.0)
+    masked = torch.where(valid, loss, torch.zeros_like(loss))
     tok_per_seq = vf.sum(-1)  # [B]
-    n_seq = (tok_per_seq > 0).float().sum().clamp_min(1.0)
+    if n_valid is None:
+        n_valid = vf.sum()
+    if n_seq is None:
+        n_seq = (tok_per_seq > 0).float().sum()
+    n_valid = torch.as_tensor(n_valid, dtype=torch.float32).clamp_min(1.0)
+    n_seq = torch.as_tensor(n_seq, dtype=torch.float32).clamp_min(1.0)
+    if agg == "token-mean":
+        return masked.sum() / n_valid
     if agg == "seq-mean-token-sum":
         return masked.sum(-1).sum() / n_seq
     if agg == "seq-mean-token-mean":
@@ -160,6 +187,43 @@ def _smallest_k(keys: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Ten
     return out.reshape(eligible.shape)
 
 
+def _order_u32(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving map float32 -> [0, 2**32) in int64; -0 and +0 map alike."""
+    x = torch.where(x == 0, torch.zeros_like(x), x).float().contiguous()
+    u = x.view(torch.int32).to(torch.int64) & _M32
+    return torch.where(u >= 0x80000000, _M32 - u, u | 0x80000000)
+
+
+NOT_ELIGIBLE = 2**63 - 1
+
+
+def selection_keys(log_prob, old_log_prob, advantages, mask, stats, row_offset, *, mode,
+                   clip_low=0.2, clip_high=0.2, clip_cov_lb=1.0, clip_cov_ub=5.0, seed=0):
+    """int64 [B, T] selection key per token under the (global) sums ``stats``; the spec of
+    the kernels' ``covrl::policy_loss_keys``.
+
+    Keys are ``(v << 31) | g`` with ``g`` the global flat index (``(row_offset + r) * T + t``)
+    and ``v`` the random key (Clip-Cov candidates) or ``2**32 - 1 - order(cov)`` (KL-Cov,
+    largest cov first). Smallest keys are selected. ``NOT_ELIGIBLE`` marks tokens that cannot
+    be selected (masked; for Clip-Cov also non-candidates; everything for ppo).
+    """
+    p = _prepare(log_prob, old_log_prob, advantages, mask)
+    B, T = p.lp.shape
+    gidx = (torch.arange(B, dtype=torch.int64, device=p.lp.device)[:, None] + row_offset) * T + \
+        torch.arange(T, dtype=torch.int64, device=p.lp.device)
+    cov = centred_covariance(p.lp, p.adv, p.valid, stats)
+    never = torch.full_like(gidx, NOT_ELIGIBLE)
+    if mode == "kl_cov":
+        return torch.where(p.valid, ((_M32 - _order_u32(cov)) << 31) | gidx, never)
+    if mode == "clip_cov":
+        ratio = torch.exp(p.lp.detach() - p.olp)
+        pg1 = -p.adv * ratio
+        pg2 = -p.adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        cand = p.valid & ~(pg2 > pg1) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+        return torch.where(cand, (random_keys(seed, gidx) << 31) | gidx, never)
+    return never
+
+
 def policy_loss(
     log_prob,
     old_log_prob,
@@ -179,28 +243,45 @@ def policy_loss(
     seed=0,
     is_weights=None,
     loss_scale_factor=None,
+    selection_stats=None,
+    selection_meta=None,
 ):
     """Reference PPO / Clip-Cov / KL-Cov loss. Returns ``(loss, metrics, selected)``.
 
     ``selected`` is the [B, T] bool mask of covariance-selected tokens (all False for
     ``ppo``). Inputs are assumed valid; argument checking lives in ``covrl.ops``.
+
+    Global selection (``covrl.compute_selection``): ``selection_stats`` (float64 [4]: sum A,
+    sum logp, n_valid, n_seq over the whole mini-batch) replaces the local means and
+    denominators, and ``selection_meta`` (int64 [2]: key threshold, global row offset)
+    selects the eligible tokens whose :func:`selection_keys` key is <= the threshold.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     p = _prepare(log_prob, old_log_prob, advantages, mask)
     lp, olp, adv, valid = p.lp, p.olp, p.adv, p.valid
+    zero = torch.zeros_like(lp)
+    lp = torch.where(valid, lp, zero)  # masked positions may hold anything (inf padding)
+    olp = torch.where(valid, olp, zero.detach())
+    adv = torch.where(valid, adv, zero.detach())
     vf = valid.float()
     n_valid_t = vf.sum()
     n_valid = int(n_valid_t.item())
     denom = n_valid_t.clamp_min(1.0)
 
-    cov = centred_covariance(lp, adv, valid)
+    cov = centred_covariance(lp, adv, valid, selection_stats)
     delta = lp - olp
     ratio = torch.exp(delta)
     pg1 = -adv * ratio
     clipped = torch.zeros_like(valid)
     selected = torch.zeros_like(valid)
     n_candidates = torch.zeros((), dtype=torch.float32)
+    by_key = None
+    if selection_meta is not None and mode != "ppo":
+        keys = selection_keys(lp, olp, adv, valid, selection_stats, int(selection_meta[1]), mode=mode,
+                              clip_low=clip_low, clip_high=clip_high, clip_cov_lb=clip_cov_lb,
+                              clip_cov_ub=clip_cov_ub, seed=seed)
+        by_key = (keys != NOT_ELIGIBLE) & (keys <= int(selection_meta[0]))
 
     if mode in ("ppo", "clip_cov"):
         pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -212,28 +293,35 @@ def policy_loss(
         if mode == "clip_cov":
             cand = valid & ~clipped & (cov > clip_cov_lb) & (cov < clip_cov_ub)
             n_candidates = cand.float().sum()
-            k = select_count(clip_cov_fraction, n_valid)
-            flat_idx = torch.arange(lp.numel(), dtype=torch.int64).reshape(lp.shape)
-            keys = random_keys(seed, flat_idx)
-            selected = _smallest_k(keys, cand, k)
+            if by_key is not None:
+                selected = by_key
+            else:
+                k = select_count(clip_cov_fraction, n_valid)
+                flat_idx = torch.arange(lp.numel(), dtype=torch.int64).reshape(lp.shape)
+                keys = random_keys(seed, flat_idx)
+                selected = _smallest_k(keys, cand, k)
             loss_tok = loss_tok * (~selected).float()
     else:  # kl_cov
         k = select_count(kl_cov_fraction, n_valid)
         n_candidates = n_valid_t.clone()
         # Largest cov first, ties to the lower index: sort on -cov, stable.
-        selected = _smallest_k(-cov, valid, k)
+        selected = by_key if by_key is not None else _smallest_k(-cov, valid, k)
         loss_tok = pg1 + selected.float() * kl_coef * delta.abs()
 
     if is_weights is not None:
-        loss_tok = loss_tok * is_weights.float().detach()
+        loss_tok = loss_tok * torch.where(valid, is_weights.float().detach(), zero.detach())
 
-    loss = _aggregate(loss_tok, valid, agg, loss_scale_factor)
+    if selection_stats is not None:
+        loss = _aggregate(loss_tok, valid, agg, loss_scale_factor, selection_stats[2], selection_stats[3])
+    else:
+        loss = _aggregate(loss_tok, valid, agg, loss_scale_factor)
+    d = delta.detach()
     metrics = {
         "clip_frac": (clipped.float() * vf).sum() / denom,
         "selected_frac": (selected.float() * vf).sum() / denom,
         "n_candidates": n_candidates,
-        "approx_kl": (-delta.detach() * vf).sum() / denom,
-        "abs_delta_logp": (delta.detach().abs() * vf).sum() / denom,
+        "approx_kl": (-d * vf).sum() / denom,
+        "abs_delta_logp": (d.abs() * vf).sum() / denom,
         "cov": (cov * vf).sum() / denom,
     }
     return loss, metrics, selected

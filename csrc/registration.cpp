@@ -22,6 +22,21 @@ std::string build_info() {
 TORCH_LIBRARY(covrl, m) {
   // build_info() -> "cpu" or "cpu,cuda": the kernels compiled into covrl._C.
   m.def("build_info() -> str", &covrl::build_info);
+  // policy_loss_fwd(...) -> (loss, dloss/dlog_prob [B, T], metrics [9], selected [B, T] bool):
+  // fused PPO / Clip-Cov / KL-Cov loss + gradient (spec: covrl/reference.py). sel_stats
+  // (float64 [4]: sum A, sum logp, n_valid, n_seq) and sel_meta (int64 [2]: key threshold,
+  // global row offset) come from covrl.compute_selection; None = select within this call.
+  m.def(
+      "policy_loss_fwd(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor mask, "
+      "Tensor? is_weights, Tensor? sel_stats, Tensor? sel_meta, str mode, str agg, float clip_low, "
+      "float clip_high, float? dual_clip, float fraction, float clip_cov_lb, float clip_cov_ub, "
+      "float kl_coef, int seed, float norm) -> (Tensor, Tensor, Tensor, Tensor)");
+  // policy_loss_keys(...) -> int64 [B, T]: each token's selection key (INT64_MAX = not
+  // eligible) under the global means of sel_stats; covrl.compute_selection radix-selects them.
+  m.def(
+      "policy_loss_keys(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor mask, "
+      "Tensor sel_stats, Tensor sel_meta, str mode, float clip_low, float clip_high, "
+      "float clip_cov_lb, float clip_cov_ub, int seed) -> Tensor");
 }
 
 // covrl._C is imported as a Python module only so that its static initialisers

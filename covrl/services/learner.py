@@ -158,7 +158,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     @unary
     def Train(self, request, context):
         m = self._run(self.core.train_step, max_trajectories=int(request.max_trajectories),
-                      recompute_old_logprobs=True if request.recompute_old_logprobs else None)
+                      recompute_old_logprobs=True if request.recompute_old_logprobs else None,
+                      loss_overrides=dict(request.loss_overrides))
         event = learner_pb2.MetricsEvent(step=self.core.step, weight_version=self.core.weight_version,
                                          unix_time_s=time.time(), metrics=m)
         with self._new_metrics:

@@ -14,7 +14,14 @@ import json
 import math
 
 from covrl._proto.v1 import reward_pb2, reward_pb2_grpc
-from covrl.services.common import InvalidArgument, ResourceExhausted, ServiceBinding, service_name, unary
+from covrl.services.common import (
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceBinding,
+    Unavailable,
+    service_name,
+    unary,
+)
 
 STATUS_TO_PROTO = {
     "ok": reward_pb2.REWARD_STATUS_OK,
@@ -98,14 +105,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, verifier, limits: RewardLimits | None = None):
         self.verifier = verifier
         self.limits = limits or RewardLimits()
+        self._closed = False
 
     @unary
     def Score(self, request, context):
         items = parse_score_request(request, self.limits)
+        if self._closed:
+            raise Unavailable("", "the reward server is shutting down; retry on another replica")
         results = self.verifier.score(items)
         return results_to_proto(results, [it.item_id for it in request.items], self.verifier.version)
 
     def close(self) -> None:
+        self._closed = True
         self.verifier.close()
 
 

@@ -164,7 +164,7 @@ def receive_weights(
     for chunk in chunks:  # a client that breaks the stream raises here: nothing is applied
         asm.add(chunk)
     t0 = time.perf_counter()
-    tensors = asm.finish()
+    tensors = asm.finish(writable=False)  # only copied into the model: no extra copy
     current = engine.weight_version
     want = asm.weight_version or 0
     if want and want <= current:

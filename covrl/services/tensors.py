@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -46,13 +47,8 @@ def _items(named_tensors) -> Iterable[tuple[str, torch.Tensor]]:
     return named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
 
 
-def iter_tensor_chunks(
-    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-    weight_version: int = 0,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    cast_to: torch.dtype | None = None,
-) -> Iterator[rollout_pb2.TensorChunk]:
-    """Yield TensorChunks for every (name, tensor); floating tensors are cast to ``cast_to`` if set."""
+def _raw_pieces(named_tensors, chunk_bytes: int, cast_to: torch.dtype | None):
+    """(name, dtype name, shape, offset, uint8 numpy slice) per chunk, without copying the data."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: expected >= 1, got {chunk_bytes}")
     for name, tensor in _items(named_tensors):
@@ -66,22 +62,61 @@ def iter_tensor_chunks(
         offset = 0
         while True:
             piece = raw[offset : offset + chunk_bytes]
-            yield rollout_pb2.TensorChunk(
-                name=name, dtype=dtype, shape=shape, offset_bytes=offset, data=piece.tobytes(),
-                weight_version=weight_version,
-            )
+            yield name, dtype, shape, offset, piece
             offset += len(piece)
             if offset >= len(raw):
                 break
 
 
+def _with_last(items):
+    """(item, is_last) pairs: one item of lookahead so the final chunk can be marked."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def iter_tensor_chunks(
+    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    weight_version: int = 0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    cast_to: torch.dtype | None = None,
+) -> Iterator[rollout_pb2.TensorChunk]:
+    """Yield TensorChunks for every (name, tensor), the final one with ``last`` set.
+
+    Floating tensors are cast to ``cast_to`` if set.
+    """
+    for (name, dtype, shape, offset, piece), last in _with_last(_raw_pieces(named_tensors, chunk_bytes, cast_to)):
+        yield rollout_pb2.TensorChunk(
+            name=name, dtype=dtype, shape=shape, offset_bytes=offset, data=piece.tobytes(),
+            weight_version=weight_version, last=last,
+        )
+
+
+def iter_encoded_chunks(
+    named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    weight_version: int = 0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    cast_to: torch.dtype | None = None,
+) -> Iterator[bytes]:
+    """Like :func:`iter_tensor_chunks` but yields serialized chunks (one data copy instead of two)."""
+    for (name, dtype, shape, offset, piece), last in _with_last(_raw_pieces(named_tensors, chunk_bytes, cast_to)):
+        yield encode_chunk(name, dtype, shape, offset, piece, weight_version, last)
+
+
 class _Pending:
-    __slots__ = ("dtype", "shape", "buf", "received")
+    __slots__ = ("dtype", "shape", "nbytes", "parts", "received")
 
     def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int):
         self.dtype = dtype
         self.shape = shape
-        self.buf = np.empty(nbytes, dtype=np.uint8)
+        self.nbytes = nbytes
+        self.parts: list[bytes] = []  # joined once in finish(): a one-chunk tensor is never copied
         self.received = 0
 
 
@@ -104,11 +139,15 @@ class TensorAssembler:
         self.max_total_bytes = max_total_bytes
         self.weight_version: int | None = None
         self.total_bytes = 0
+        self.saw_last = False
         self._pending: dict[str, _Pending] = {}
 
     def add(self, chunk: rollout_pb2.TensorChunk) -> None:
         name = chunk.name
         where = f"TensorChunk[{name!r}]"
+        if self.saw_last:
+            raise InvalidArgument(f"{where}.last", "a chunk arrived after the one marked last")
+        self.saw_last = chunk.last
         if not name:
             raise InvalidArgument("TensorChunk.name", "must not be empty")
         if self.weight_version is None:
@@ -129,9 +168,10 @@ class TensorAssembler:
                 f"expected {p.received} (chunks in order, no gaps or repeats), got {chunk.offset_bytes}",
             )
         n = len(chunk.data)
-        if p.received + n > len(p.buf):
-            raise InvalidArgument(f"{where}.data", f"{p.received + n} bytes exceed the tensor's {len(p.buf)}")
-        p.buf[p.received : p.received + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        if p.received + n > p.nbytes:
+            raise InvalidArgument(f"{where}.data", f"{p.received + n} bytes exceed the tensor's {p.nbytes}")
+        if n:
+            p.parts.append(chunk.data)
         p.received += n
 
     def _start(self, chunk, where: str) -> _Pending:
@@ -158,21 +198,84 @@ class TensorAssembler:
         p = self._pending[chunk.name] = _Pending(dtype, shape, nbytes)
         return p
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """Return the tensors; raise if the stream was empty, a tensor is incomplete or not finite."""
+    def finish(self, writable: bool = True) -> dict[str, torch.Tensor]:
+        """Return the tensors; raise if the stream was empty, a tensor is incomplete or not finite.
+
+        ``writable=False`` (for callers that only read them, e.g. to copy into a model) may return
+        tensors that share memory with the received bytes; ``True`` gives tensors of their own.
+        """
         if not self._pending:
             raise InvalidArgument("TensorChunk", "the stream held no tensors")
+        if not self.saw_last:
+            raise InvalidArgument("TensorChunk.last", "the stream ended without a chunk marked last (cut short?)")
         out = {}
         for name, p in self._pending.items():
-            if p.received != len(p.buf):
-                raise InvalidArgument(
-                    f"TensorChunk[{name!r}].data", f"incomplete: got {p.received} of {len(p.buf)} bytes"
-                )
-            if len(p.buf):
-                t = torch.from_numpy(p.buf).view(p.dtype).reshape(p.shape)
-            else:
-                t = torch.empty(p.shape, dtype=p.dtype)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if p.received != p.nbytes:
+                raise InvalidArgument(f"TensorChunk[{name!r}].data", f"incomplete: got {p.received} of {p.nbytes} bytes")
+            out[name] = t = _tensor_from_bytes(p, writable)
+            if t.is_floating_point() and not _all_finite(t):
                 raise InvalidArgument(f"TensorChunk[{name!r}].data", "holds NaN or Inf values")
-            out[name] = t
         return out
+
+
+def _tensor_from_bytes(p: _Pending, writable: bool) -> torch.Tensor:
+    if not p.nbytes:
+        return torch.empty(p.shape, dtype=p.dtype)
+    if writable:
+        data = bytearray(p.nbytes)
+        view, at = memoryview(data), 0
+        for part in p.parts:
+            view[at : at + len(part)] = part
+            at += len(part)
+    else:
+        data = p.parts[0] if len(p.parts) == 1 else b"".join(p.parts)
+    p.parts = []
+    with warnings.catch_warnings():  # bytes are read-only: such tensors only get read
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat.view(p.dtype).reshape(p.shape)
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """True when no element is NaN or +-Inf.
+
+    Fast path: any NaN/Inf makes the sum NaN/Inf, and a plain sum is ~10x faster than
+    ``isfinite`` on CPU. Only when the sum is not finite (a bad value, or a finite overflow)
+    does the exact blockwise ``isfinite`` decide.
+    """
+    if math.isfinite(float(t.sum())):
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
+
+
+def encode_chunk(
+    name: str, dtype: str, shape: list[int], offset_bytes: int, data, weight_version: int, last: bool = False
+) -> bytes:
+    """Serialized ``TensorChunk`` built with one copy of ``data`` (any buffer, e.g. a numpy slice).
+
+    Equal to ``TensorChunk(...).SerializeToString()`` up to field order, which protobuf
+    parsers accept in any order; building the message first would copy the data twice.
+    """
+    head = rollout_pb2.TensorChunk(
+        name=name, dtype=dtype, shape=shape, offset_bytes=offset_bytes, weight_version=weight_version, last=last
+    ).SerializeToString()
+    n = memoryview(data).nbytes
+    if not n:
+        return head
+    return b"".join((head, _DATA_TAG, _varint(n), data))
+
+
+_DATA_TAG = bytes([(5 << 3) | 2])  # field 5 (data), wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

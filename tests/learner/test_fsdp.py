@@ -1,7 +1,6 @@
 """FSDP2 scale-out: 2 CPU processes (gloo) make the same update as 1 process on the same batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,16 +15,12 @@ CFG = dict(lr=1.0, adam_eps=1.0, micro_batch_size=2, mini_batch_size=6, loss_mod
            kl_cov_fraction=0.1, entropy_coef=0.01, recompute_old_logprobs=True, shuffle=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, batch, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, init_file, batch, out_path):
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # A file rendezvous: no TCP port to race other processes for. LearnerCore sees the
+    # initialised group and shards the model with FSDP2.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     core = LearnerCore(LearnerConfig(**CFG), model=tiny_causal_lm())
     try:
         if rank == 0:
@@ -43,7 +38,7 @@ def _worker(rank, port, batch, out_path):
 def test_two_gloo_ranks_match_one_process(tmp_path, make_batch):
     batch = make_batch(n=12)
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_worker, args=(_free_port(), batch, str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(str(tmp_path / "rdzv"), batch, str(out)), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=False)
     assert got["metrics"]["weight_version"] == 1 and got["metrics"]["n_updates"] == 2
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import covrl
 from covrl.learner import LearnerConfig, LearnerCore, NonFiniteLossError, NothingToTrainError
 from covrl.models import tiny_causal_lm
 
@@ -101,6 +102,37 @@ def test_micro_batching_does_not_change_the_update(batch, agg):
         torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(covrl, "compute_selection"), reason="needs covrl.compute_selection (loss branch)")
+@pytest.mark.parametrize("mode,recompute", [("kl_cov", True), ("clip_cov", True), ("kl_cov", False)])
+def test_global_selection_is_micro_batch_invariant(batch, mode, recompute):
+    # One micro-batch selects locally (which is global); 1-row micro-batches use compute_selection
+    # on the scoring pass's log-probs (recompute) or on an extra no-grad forward.
+    kw = dict(loss_mode=mode, kl_cov_fraction=0.1, clip_cov_fraction=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0,
+              adam_eps=1.0, lr=1.0, shuffle=False, recompute_old_logprobs=recompute, kl_coef=5.0)
+    a, b = core(micro_batch_size=1, **kw), core(micro_batch_size=8, **kw)
+    for c in (a, b):
+        c.submit(batch)
+    ma, mb = a.train_step(), b.train_step()
+    assert mb["selected_frac"] > 0
+    for k in ("loss", "selected_frac", "clip_frac"):
+        assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6), k
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_update(batch):
+    kw = dict(loss_mode="ppo", adam_eps=1.0, lr=1.0)
+    a, b = core(**kw), core(gradient_checkpointing=True, **kw)
+    for c in (a, b):
+        c.submit(batch)
+    ma, mb = a.train_step(), b.train_step()
+    assert ma["entropy"] == pytest.approx(mb["entropy"], abs=1e-6)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+
+
 def test_deterministic_given_seed(batch):
     kw = dict(loss_mode="clip_cov", clip_cov_fraction=0.2, clip_cov_lb=-10.0, mini_batch_size=4,
               ppo_epochs=2, micro_batch_size=2)
@@ -121,6 +153,25 @@ def test_positive_advantage_raises_its_logprob():
     c.train_step()
     after, _ = c.logprobs([t_good, t_bad])
     assert sum(after[0]) > sum(before[0]) and sum(after[1]) < sum(before[1])
+
+
+def test_loss_overrides_apply_to_one_step(batch):
+    kw = dict(loss_mode="kl_cov", kl_cov_fraction=0.5, recompute_old_logprobs=True, mini_batch_size=4, ppo_epochs=2)
+    a, b = core(**kw), core(**kw)
+    for c in (a, b):
+        c.submit(batch)
+    ma = a.train_step()
+    mb = b.train_step(loss_overrides={"kl_coef": 50.0})
+    assert mb["loss"] != pytest.approx(ma["loss"], rel=1e-3)
+    assert b.config.kl_coef == 1.0  # not persisted
+    b.submit(batch)
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        b.train_step(loss_overrides={"lr": 1.0})
+    with pytest.raises(ValueError, match="kl_cov_fraction"):
+        b.train_step(loss_overrides={"kl_cov_fraction": 20.0})
+    with pytest.raises(ValueError, match="tis_cap"):
+        b.train_step(loss_overrides={"tis_cap": 2.0}, recompute_old_logprobs=False)
+    assert b.n_pending == 8  # rejected steps keep the batch
 
 
 def test_high_entropy_tokens_only(batch):
@@ -145,6 +196,12 @@ def test_nonfinite_loss_is_skipped_or_raised(batch):
     c.submit(batch)
     m = c.train_step()
     assert m["skipped_minibatches"] == 1 and m["n_updates"] == 0 and c.weight_version == 0
+    assert math.isnan(m["entropy"])  # divergence is visible in the metrics, not hidden as 0
+    c1 = core(recompute_old_logprobs=True)
+    with torch.no_grad():
+        next(c1.policy.parameters()).fill_(float("nan"))
+    c1.submit(batch)
+    assert c1.train_step()["skipped_minibatches"] == 1
     c2 = core(on_nonfinite="raise")
     with torch.no_grad():
         next(c2.policy.parameters()).fill_(float("nan"))
@@ -171,6 +228,14 @@ def test_submit_rejects_bad_input_atomically(batch, field, value, match):
     with pytest.raises(ValueError, match=match):
         c.submit([batch[0], bad])
     assert c.n_pending == 0
+
+
+def test_submit_rejects_unknown_keys(batch):
+    c = core()
+    with pytest.raises(ValueError, match="unknown .'advantage'."):
+        c.submit([dict(batch[0], advantage=1.0)])
+    with pytest.raises(ValueError, match="missing .'reward'."):
+        c.submit([{k: v for k, v in batch[0].items() if k != "reward"}])
 
 
 def test_submit_limits_pending(batch):

@@ -88,7 +88,13 @@ def test_bad_input_gets_the_right_status_and_server_keeps_serving(learner, rollo
         lc.register_rollout_server("not an address")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert lc.submit_rollouts([good]).accepted == 1
-    lc.train(skip_push=True)
+    from covrl._proto.v1 import learner_pb2
+
+    with pytest.raises(grpc.RpcError) as e:
+        lc.stub.Train(learner_pb2.TrainRequest(skip_push=True, loss_overrides={"lr": 1.0}), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "loss_overrides" in e.value.details()
+    resp = lc.stub.Train(learner_pb2.TrainRequest(skip_push=True, loss_overrides={"entropy_coef": 0.1}), timeout=60)
+    assert resp.weight_version == 1
 
 
 def test_train_pushes_weights_and_streams_metrics(learner, rollout, tmp_path):
@@ -120,3 +126,16 @@ def test_metrics_stream_replays_history(learner):
     it = lc.metrics(include_history=True, timeout_s=5.0)
     ev = next(it)
     assert ev.step >= 1 and "entropy" in ev.metrics and "cov" in ev.metrics
+
+
+def test_example_config_is_valid():
+    import pathlib
+
+    import yaml
+
+    from covrl.services.learner import _SERVICE_KEYS
+
+    path = pathlib.Path(__file__).parents[2] / "services" / "learner" / "config.example.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= _SERVICE_KEYS
+    LearnerConfig.from_dict(cfg["learner"])

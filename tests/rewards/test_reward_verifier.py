@@ -186,3 +186,21 @@ def test_concurrent_score_calls_from_threads(verifier):
     for t in threads:
         t.join(timeout=60)
     assert out == {k: [0.0, 1.0] * 3 for k in range(4)}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the memory cap reads /proc (Linux)")
+def test_worker_memory_cap_turns_a_huge_allocation_into_memoryerror():
+    import subprocess
+    import sys
+
+    code = (
+        "from covrl.rewards._worker import _limit_memory\n"
+        "_limit_memory(64)\n"
+        "try:\n"
+        "    bytearray(1 << 30)\n"
+        "    print('allocated')\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "MemoryError", out.stderr[-2000:]

@@ -101,3 +101,28 @@ def test_real_verifier_scores_and_cuts_a_bomb_at_its_deadline():
         assert out.results[3].status == "unknown_task"
     finally:
         srv.stop(0)
+
+
+def test_closed_verifier_is_unavailable(client, reward_server):
+    servicer = reward_server.bindings[0].servicer
+    servicer.close()
+    with pytest.raises(ClientError) as e:
+        RewardClient(reward_server.address, max_attempts=1).score([ScoreItem("exact", "", "1", "1")])
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_example_configs_parse():
+    import pathlib
+
+    import yaml
+
+    from covrl.services.common import ServerConfig
+    from covrl.services.reward import RewardLimits
+    from covrl.services.rollout import RolloutLimits
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "services"
+    for name in ("rollout", "reward", "learner"):
+        cfg = yaml.safe_load((root / name / "config.example.yaml").read_text())
+        assert ServerConfig.from_dict(cfg["server"]).host == "127.0.0.1"
+    RolloutLimits.from_dict(yaml.safe_load((root / "rollout" / "config.example.yaml").read_text())["limits"])
+    RewardLimits.from_dict(yaml.safe_load((root / "reward" / "config.example.yaml").read_text())["limits"])

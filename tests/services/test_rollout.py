@@ -191,7 +191,14 @@ def test_raw_bad_chunks_are_rejected(rollout_server, engine):
     good = torch.ones(64).numpy().tobytes()
     cases = {
         "dtype": [rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float33", shape=[64], data=good)],
-        "incomplete": [rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], data=good[:100])],
+        "incomplete": [rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], data=good[:100],
+                                               last=True)],
+        "last": [rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], data=good)],  # cut short
+        "after the one marked last": [
+            rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], data=good[:128], last=True),
+            rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], offset_bytes=128,
+                                    data=good[128:], last=True),
+        ],
         "offset_bytes": [
             rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], data=good[:128]),
             rollout_pb2.TensorChunk(name="model.norm.weight", dtype="float32", shape=[64], offset_bytes=64,

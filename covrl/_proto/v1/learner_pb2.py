@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from covrl._proto.v1 import rollout_pb2 as covrl_dot_v1_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ovrl/v1/learner.proto\x12\x08\x63ovrl.v1\x1a\x16\x63ovrl/v1/rollout.proto\"\xc8\x01\n\nTrajectory\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x02 \x03(\x05\x12\x19\n\x11\x62\x65havior_logprobs\x18\x03 \x03(\x02\x12\x0e\n\x06reward\x18\x04 \x01(\x01\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\x12\x10\n\x08group_id\x18\x06 \x01(\t\x12-\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x16.covrl.v1.FinishReason\"C\n\x15SubmitRolloutsRequest\x12*\n\x0ctrajectories\x18\x01 \x03(\x0b\x32\x14.covrl.v1.Trajectory\"z\n\x16SubmitRolloutsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x1d\n\x15\x62uffered_trajectories\x18\x02 \x01(\r\x12\x17\n\x0f\x62uffered_groups\x18\x03 \x01(\r\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\"[\n\x0cTrainRequest\x12\x1e\n\x16recompute_old_logprobs\x18\x01 \x01(\x08\x12\x18\n\x10max_trajectories\x18\x02 \x01(\r\x12\x11\n\tskip_push\x18\x03 \x01(\x08\"K\n\nPushResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x9a\x03\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ov_logp_adv\x18\x05 \x01(\x01\x12\x11\n\tclip_frac\x18\x06 \x01(\x01\x12\x11\n\tapprox_kl\x18\x07 \x01(\x01\x12\x13\n\x0breward_mean\x18\x08 \x01(\x01\x12\x11\n\tgrad_norm\x18\t \x01(\x01\x12\x15\n\rlearning_rate\x18\n \x01(\x01\x12\x18\n\x10num_trajectories\x18\x0b \x01(\r\x12\x12\n\nnum_tokens\x18\x0c \x01(\x04\x12\x0e\n\x06step_s\x18\r \x01(\x01\x12\x35\n\x07metrics\x18\x0e \x03(\x0b\x32$.covrl.v1.TrainResponse.MetricsEntry\x12$\n\x06pushes\x18\x0f \x03(\x0b\x32\x14.covrl.v1.PushResult\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x11GetWeightsRequest\x12\x18\n\x10\x63hunk_size_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\x80\x01\n\x1cRegisterRolloutServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07use_tls\x18\x02 \x01(\x08\x12\x1d\n\x15root_certificates_pem\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\x12\x10\n\x08push_now\x18\x05 \x01(\x08\"p\n\x1dRegisterRolloutServerResponse\x12\x13\n\x0bnum_servers\x18\x01 \x01(\r\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\"\n\x04push\x18\x03 \x01(\x0b\x32\x14.covrl.v1.PushResult\"!\n\x11\x43heckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\\\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0eweight_version\x18\x03 \x01(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\",\n\x11GetMetricsRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\xaf\x01\n\x0cMetricsEvent\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x13\n\x0bunix_time_s\x18\x03 \x01(\x01\x12\x34\n\x07metrics\x18\x04 \x03(\x0b\x32#.covrl.v1.MetricsEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xdb\x03\n\x0eLearnerService\x12S\n\x0eSubmitRollouts\x12\x1f.covrl.v1.SubmitRolloutsRequest\x1a .covrl.v1.SubmitRolloutsResponse\x12\x38\n\x05Train\x12\x16.covrl.v1.TrainRequest\x1a\x17.covrl.v1.TrainResponse\x12\x42\n\nGetWeights\x12\x1b.covrl.v1.GetWeightsRequest\x1a\x15.covrl.v1.TensorChunk0\x01\x12h\n\x15RegisterRolloutServer\x12&.covrl.v1.RegisterRolloutServerRequest\x1a\'.covrl.v1.RegisterRolloutServerResponse\x12G\n\nCheckpoint\x12\x1b.covrl.v1.CheckpointRequest\x1a\x1c.covrl.v1.CheckpointResponse\x12\x43\n\nGetMetrics\x12\x1b.covrl.v1.GetMetricsRequest\x1a\x16.covrl.v1.MetricsEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ovrl/v1/learner.proto\x12\x08\x63ovrl.v1\x1a\x16\x63ovrl/v1/rollout.proto\"\xc8\x01\n\nTrajectory\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x02 \x03(\x05\x12\x19\n\x11\x62\x65havior_logprobs\x18\x03 \x03(\x02\x12\x0e\n\x06reward\x18\x04 \x01(\x01\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\x12\x10\n\x08group_id\x18\x06 \x01(\t\x12-\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x16.covrl.v1.FinishReason\"C\n\x15SubmitRolloutsRequest\x12*\n\x0ctrajectories\x18\x01 \x03(\x0b\x32\x14.covrl.v1.Trajectory\"z\n\x16SubmitRolloutsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x1d\n\x15\x62uffered_trajectories\x18\x02 \x01(\r\x12\x17\n\x0f\x62uffered_groups\x18\x03 \x01(\r\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\"\xd4\x01\n\x0cTrainRequest\x12\x1e\n\x16recompute_old_logprobs\x18\x01 \x01(\x08\x12\x18\n\x10max_trajectories\x18\x02 \x01(\r\x12\x11\n\tskip_push\x18\x03 \x01(\x08\x12\x41\n\x0eloss_overrides\x18\x04 \x03(\x0b\x32).covrl.v1.TrainRequest.LossOverridesEntry\x1a\x34\n\x12LossOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\nPushResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x9a\x03\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ov_logp_adv\x18\x05 \x01(\x01\x12\x11\n\tclip_frac\x18\x06 \x01(\x01\x12\x11\n\tapprox_kl\x18\x07 \x01(\x01\x12\x13\n\x0breward_mean\x18\x08 \x01(\x01\x12\x11\n\tgrad_norm\x18\t \x01(\x01\x12\x15\n\rlearning_rate\x18\n \x01(\x01\x12\x18\n\x10num_trajectories\x18\x0b \x01(\r\x12\x12\n\nnum_tokens\x18\x0c \x01(\x04\x12\x0e\n\x06step_s\x18\r \x01(\x01\x12\x35\n\x07metrics\x18\x0e \x03(\x0b\x32$.covrl.v1.TrainResponse.MetricsEntry\x12$\n\x06pushes\x18\x0f \x03(\x0b\x32\x14.covrl.v1.PushResult\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x11GetWeightsRequest\x12\x18\n\x10\x63hunk_size_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\x80\x01\n\x1cRegisterRolloutServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07use_tls\x18\x02 \x01(\x08\x12\x1d\n\x15root_certificates_pem\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\x12\x10\n\x08push_now\x18\x05 \x01(\x08\"p\n\x1dRegisterRolloutServerResponse\x12\x13\n\x0bnum_servers\x18\x01 \x01(\r\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\"\n\x04push\x18\x03 \x01(\x0b\x32\x14.covrl.v1.PushResult\"!\n\x11\x43heckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\\\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0eweight_version\x18\x03 \x01(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\",\n\x11GetMetricsRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\xaf\x01\n\x0cMetricsEvent\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x13\n\x0bunix_time_s\x18\x03 \x01(\x01\x12\x34\n\x07metrics\x18\x04 \x03(\x0b\x32#.covrl.v1.MetricsEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xdb\x03\n\x0eLearnerService\x12S\n\x0eSubmitRollouts\x12\x1f.covrl.v1.SubmitRolloutsRequest\x1a .covrl.v1.SubmitRolloutsResponse\x12\x38\n\x05Train\x12\x16.covrl.v1.TrainRequest\x1a\x17.covrl.v1.TrainResponse\x12\x42\n\nGetWeights\x12\x1b.covrl.v1.GetWeightsRequest\x1a\x15.covrl.v1.TensorChunk0\x01\x12h\n\x15RegisterRolloutServer\x12&.covrl.v1.RegisterRolloutServerRequest\x1a\'.covrl.v1.RegisterRolloutServerResponse\x12G\n\nCheckpoint\x12\x1b.covrl.v1.CheckpointRequest\x1a\x1c.covrl.v1.CheckpointResponse\x12\x43\n\nGetMetrics\x12\x1b.covrl.v1.GetMetricsRequest\x1a\x16.covrl.v1.MetricsEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'covrl.v1.learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAINREQUEST_LOSSOVERRIDESENTRY']._loaded_options = None
+  _globals['_TRAINREQUEST_LOSSOVERRIDESENTRY']._serialized_options = b'8\001'
   _globals['_TRAINRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_METRICSEVENT_METRICSENTRY']._loaded_options = None
@@ -42,30 +44,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITROLLOUTSREQUEST']._serialized_end=330
   _globals['_SUBMITROLLOUTSRESPONSE']._serialized_start=332
   _globals['_SUBMITROLLOUTSRESPONSE']._serialized_end=454
-  _globals['_TRAINREQUEST']._serialized_start=456
-  _globals['_TRAINREQUEST']._serialized_end=547
-  _globals['_PUSHRESULT']._serialized_start=549
-  _globals['_PUSHRESULT']._serialized_end=624
-  _globals['_TRAINRESPONSE']._serialized_start=627
-  _globals['_TRAINRESPONSE']._serialized_end=1037
-  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_start=991
-  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_end=1037
-  _globals['_GETWEIGHTSREQUEST']._serialized_start=1039
-  _globals['_GETWEIGHTSREQUEST']._serialized_end=1099
-  _globals['_REGISTERROLLOUTSERVERREQUEST']._serialized_start=1102
-  _globals['_REGISTERROLLOUTSERVERREQUEST']._serialized_end=1230
-  _globals['_REGISTERROLLOUTSERVERRESPONSE']._serialized_start=1232
-  _globals['_REGISTERROLLOUTSERVERRESPONSE']._serialized_end=1344
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1346
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1379
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1381
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1473
-  _globals['_GETMETRICSREQUEST']._serialized_start=1475
-  _globals['_GETMETRICSREQUEST']._serialized_end=1519
-  _globals['_METRICSEVENT']._serialized_start=1522
-  _globals['_METRICSEVENT']._serialized_end=1697
-  _globals['_METRICSEVENT_METRICSENTRY']._serialized_start=991
-  _globals['_METRICSEVENT_METRICSENTRY']._serialized_end=1037
-  _globals['_LEARNERSERVICE']._serialized_start=1700
-  _globals['_LEARNERSERVICE']._serialized_end=2175
+  _globals['_TRAINREQUEST']._serialized_start=457
+  _globals['_TRAINREQUEST']._serialized_end=669
+  _globals['_TRAINREQUEST_LOSSOVERRIDESENTRY']._serialized_start=617
+  _globals['_TRAINREQUEST_LOSSOVERRIDESENTRY']._serialized_end=669
+  _globals['_PUSHRESULT']._serialized_start=671
+  _globals['_PUSHRESULT']._serialized_end=746
+  _globals['_TRAINRESPONSE']._serialized_start=749
+  _globals['_TRAINRESPONSE']._serialized_end=1159
+  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_start=1113
+  _globals['_TRAINRESPONSE_METRICSENTRY']._serialized_end=1159
+  _globals['_GETWEIGHTSREQUEST']._serialized_start=1161
+  _globals['_GETWEIGHTSREQUEST']._serialized_end=1221
+  _globals['_REGISTERROLLOUTSERVERREQUEST']._serialized_start=1224
+  _globals['_REGISTERROLLOUTSERVERREQUEST']._serialized_end=1352
+  _globals['_REGISTERROLLOUTSERVERRESPONSE']._serialized_start=1354
+  _globals['_REGISTERROLLOUTSERVERRESPONSE']._serialized_end=1466
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1468
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1501
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1503
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1595
+  _globals['_GETMETRICSREQUEST']._serialized_start=1597
+  _globals['_GETMETRICSREQUEST']._serialized_end=1641
+  _globals['_METRICSEVENT']._serialized_start=1644
+  _globals['_METRICSEVENT']._serialized_end=1819
+  _globals['_METRICSEVENT_METRICSENTRY']._serialized_start=1113
+  _globals['_METRICSEVENT_METRICSENTRY']._serialized_end=1159
+  _globals['_LEARNERSERVICE']._serialized_start=1822
+  _globals['_LEARNERSERVICE']._serialized_end=2297
 # @@protoc_insertion_point(module_scope)

@@ -44,14 +44,23 @@ class SubmitRolloutsResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., buffered_trajectories: _Optional[int] = ..., buffered_groups: _Optional[int] = ..., weight_version: _Optional[int] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("recompute_old_logprobs", "max_trajectories", "skip_push")
+    __slots__ = ("recompute_old_logprobs", "max_trajectories", "skip_push", "loss_overrides")
+    class LossOverridesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RECOMPUTE_OLD_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
     SKIP_PUSH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     recompute_old_logprobs: bool
     max_trajectories: int
     skip_push: bool
-    def __init__(self, recompute_old_logprobs: _Optional[bool] = ..., max_trajectories: _Optional[int] = ..., skip_push: _Optional[bool] = ...) -> None: ...
+    loss_overrides: _containers.ScalarMap[str, float]
+    def __init__(self, recompute_old_logprobs: _Optional[bool] = ..., max_trajectories: _Optional[int] = ..., skip_push: _Optional[bool] = ..., loss_overrides: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("address", "ok", "error", "elapsed_s")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ovrl/v1/rollout.proto\x12\x08\x63ovrl.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.covrl.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x85\x01\n\x06Prompt\x12\'\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x12.covrl.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.covrl.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x11\n\tprompt_id\x18\x04 \x01(\tB\x07\n\x05input\"\xcc\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"`\n\x0fGenerateRequest\x12!\n\x07prompts\x18\x01 \x03(\x0b\x32\x10.covrl.v1.Prompt\x12*\n\x08sampling\x18\x02 \x01(\x0b\x32\x18.covrl.v1.SamplingParams\"j\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.covrl.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\"\x8c\x01\n\x0cPromptResult\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12!\n\x07samples\x18\x04 \x03(\x0b\x32\x10.covrl.v1.Sample\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\";\n\x10GenerateResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.covrl.v1.PromptResult\"u\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x16\n\x0eweight_version\x18\x06 \x01(\x04\"m\n\x15UpdateWeightsResponse\x12\x16\n\x0eweight_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x61pply_s\x18\x04 \x01(\x01\",\n\x0eGetInfoRequest\x12\x1a\n\x12include_parameters\x18\x01 \x01(\x08\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc3\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x07 \x01(\r\x12(\n\nparameters\x18\x08 \x03(\x0b\x32\x14.covrl.v1.TensorSpec*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa5\x02\n\x0eRolloutService\x12\x41\n\x08Generate\x12\x19.covrl.v1.GenerateRequest\x1a\x1a.covrl.v1.GenerateResponse\x12\x45\n\x0eGenerateStream\x12\x19.covrl.v1.GenerateRequest\x1a\x16.covrl.v1.PromptResult0\x01\x12I\n\rUpdateWeights\x12\x15.covrl.v1.TensorChunk\x1a\x1f.covrl.v1.UpdateWeightsResponse(\x01\x12>\n\x07GetInfo\x12\x18.covrl.v1.GetInfoRequest\x1a\x19.covrl.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ovrl/v1/rollout.proto\x12\x08\x63ovrl.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.covrl.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x85\x01\n\x06Prompt\x12\'\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x12.covrl.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.covrl.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x11\n\tprompt_id\x18\x04 \x01(\tB\x07\n\x05input\"\xcc\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"`\n\x0fGenerateRequest\x12!\n\x07prompts\x18\x01 \x03(\x0b\x32\x10.covrl.v1.Prompt\x12*\n\x08sampling\x18\x02 \x01(\x0b\x32\x18.covrl.v1.SamplingParams\"j\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.covrl.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\"\x8c\x01\n\x0cPromptResult\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12!\n\x07samples\x18\x04 \x03(\x0b\x32\x10.covrl.v1.Sample\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\";\n\x10GenerateResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.covrl.v1.PromptResult\"\x83\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x16\n\x0eweight_version\x18\x06 \x01(\x04\x12\x0c\n\x04last\x18\x07 \x01(\x08\"m\n\x15UpdateWeightsResponse\x12\x16\n\x0eweight_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x61pply_s\x18\x04 \x01(\x01\",\n\x0eGetInfoRequest\x12\x1a\n\x12include_parameters\x18\x01 \x01(\x08\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc3\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x07 \x01(\r\x12(\n\nparameters\x18\x08 \x03(\x0b\x32\x14.covrl.v1.TensorSpec*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa5\x02\n\x0eRolloutService\x12\x41\n\x08Generate\x12\x19.covrl.v1.GenerateRequest\x1a\x1a.covrl.v1.GenerateResponse\x12\x45\n\x0eGenerateStream\x12\x19.covrl.v1.GenerateRequest\x1a\x16.covrl.v1.PromptResult0\x01\x12I\n\rUpdateWeights\x12\x15.covrl.v1.TensorChunk\x1a\x1f.covrl.v1.UpdateWeightsResponse(\x01\x12>\n\x07GetInfo\x12\x18.covrl.v1.GetInfoRequest\x1a\x19.covrl.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'covrl.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1449
-  _globals['_FINISHREASON']._serialized_end=1544
+  _globals['_FINISHREASON']._serialized_start=1464
+  _globals['_FINISHREASON']._serialized_end=1559
   _globals['_CHATMESSAGE']._serialized_start=36
   _globals['_CHATMESSAGE']._serialized_end=80
   _globals['_CHATMESSAGES']._serialized_start=82
@@ -51,16 +51,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPTRESULT']._serialized_end=854
   _globals['_GENERATERESPONSE']._serialized_start=856
   _globals['_GENERATERESPONSE']._serialized_end=915
-  _globals['_TENSORCHUNK']._serialized_start=917
-  _globals['_TENSORCHUNK']._serialized_end=1034
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1036
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1145
-  _globals['_GETINFOREQUEST']._serialized_start=1147
-  _globals['_GETINFOREQUEST']._serialized_end=1191
-  _globals['_TENSORSPEC']._serialized_start=1193
-  _globals['_TENSORSPEC']._serialized_end=1249
-  _globals['_GETINFORESPONSE']._serialized_start=1252
-  _globals['_GETINFORESPONSE']._serialized_end=1447
-  _globals['_ROLLOUTSERVICE']._serialized_start=1547
-  _globals['_ROLLOUTSERVICE']._serialized_end=1840
+  _globals['_TENSORCHUNK']._serialized_start=918
+  _globals['_TENSORCHUNK']._serialized_end=1049
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1051
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1160
+  _globals['_GETINFOREQUEST']._serialized_start=1162
+  _globals['_GETINFOREQUEST']._serialized_end=1206
+  _globals['_TENSORSPEC']._serialized_start=1208
+  _globals['_TENSORSPEC']._serialized_end=1264
+  _globals['_GETINFORESPONSE']._serialized_start=1267
+  _globals['_GETINFORESPONSE']._serialized_end=1462
+  _globals['_ROLLOUTSERVICE']._serialized_start=1562
+  _globals['_ROLLOUTSERVICE']._serialized_end=1855
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,452 @@
+// CUDA kernel of the PPO / Clip-Cov / KL-Cov policy loss (spec: covrl/reference.py).
+//
+// COMPILE-CHECKED ONLY: no GPU was available when this was written (see docs/policy_loss.md).
+//
+// No host synchronisation and no data-dependent shapes: every count, threshold and mean
+// lives in a DevState struct in device memory, so the whole forward can be captured in a
+// CUDA graph. Launch sequence (all on the current stream):
+//   1. row_stats       one block per row: valid-token sums (fixed-order block reduction)
+//   2. finalize_stats  one thread: combine rows in row order (same order as the CPU kernel),
+//                      means, k, or the global sums / threshold of covrl.compute_selection
+//   3. key_hist        (per-call Clip-Cov / KL-Cov) each token's 63-bit selection key
+//                      + histogram of its top 8-bit digit
+//   4. radix select    8 rounds: select_digit picks the digit holding the k-th key, filter
+//                      compacts the keys still matching the prefix and histograms the next
+//                      digit (the survivors shrink fast, so rounds 3..8 touch few keys)
+//   5. main            one block per row: fused loss + d loss / d log_prob, selected mask,
+//                      row partials of loss and metrics
+//   6. finalize_loss   one thread: loss and metrics in row order; a non-finite unmasked
+//                      input makes the loss NaN and counts it in metrics[kNonFinite]
+//   7. poison_grad     zeroes the gradient when (and only when) that count is non-zero
+// CPU torch wheels (used for the compile check) lack this generated header; on Linux it
+// only feeds the Windows export macros, so skipping it changes nothing.
+#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+#endif
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "dispatch.h"
+#include "policy_loss.h"
+
+namespace covrl {
+namespace {
+
+using at::Tensor;
+using namespace pl;
+
+constexpr int kThreads = 256;
+constexpr int kBins = 256;  // 8-bit radix digits
+constexpr int kRowStats1 = 4;  // sum A, sum logp, n, n_bad
+enum RowStat : int { kLossSum, kNClipped, kNSel, kNCand, kNegDelta, kAbsDeltaSum, kCovSum, kRowStats };
+
+struct DevState {
+  double sum_a, sum_lp, n_valid, n_seq;  // means / denominators (global with a selection)
+  double n_valid_local, n_bad;
+  long long k, krem, prefix, n_eligible, thr, row_offset;
+  unsigned long long count[2];
+  unsigned int hist[kBins];
+};
+
+// Deterministic block sum of N doubles (fixed shuffle tree, then warps in order); result in thread 0.
+template <int N>
+__device__ void block_sum(double (&v)[N]) {
+  __shared__ double smem[N][32];
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    for (int o = 16; o > 0; o >>= 1) v[j] += __shfl_down_sync(0xffffffffu, v[j], o);
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < N; ++j) smem[j][w] = v[j];
+  __syncthreads();
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int i = 0; i < (int)(blockDim.x >> 5); ++i) s += smem[j][i];
+      v[j] = s;
+    }
+}
+
+template <typename scalar_t, typename acc_t>
+struct Loader {
+  const scalar_t* lp;
+  const acc_t* olp;
+  const acc_t* adv;
+  const bool* valid;
+  const acc_t* isw;
+  int64_t as, ats;
+  __device__ acc_t a(int64_t r, int64_t t) const { return adv[r * as + t * ats]; }
+};
+
+template <typename acc_t>
+__device__ bool finite_(acc_t x) {
+  return isfinite(x);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void row_stats(Loader<scalar_t, acc_t> in, int64_t T, double* row_part) {
+  const int64_t r = blockIdx.x;
+  double v[kRowStats1] = {0, 0, 0, 0};
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+    const int64_t i = r * T + t;
+    if (!in.valid[i]) continue;
+    const acc_t l = static_cast<acc_t>(in.lp[i]), a = in.a(r, t);
+    const bool ok = finite_(l) && finite_(in.olp[i]) && finite_(a) && (!in.isw || finite_(in.isw[i]));
+    v[0] += a;
+    v[1] += l;
+    v[2] += 1;
+    v[3] += ok ? 0 : 1;
+  }
+  block_sum(v);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < kRowStats1; ++j) row_part[r * kRowStats1 + j] = v[j];
+}
+
+__device__ void load_selection(DevState* s, const double* sel_stats, const int64_t* sel_meta) {
+  if (sel_stats) {
+    s->sum_a = sel_stats[0];
+    s->sum_lp = sel_stats[1];
+    s->n_valid = sel_stats[2];
+    s->n_seq = sel_stats[3];
+  }
+  if (sel_meta) {
+    s->thr = sel_meta[0];
+    s->row_offset = sel_meta[1];
+  }
+}
+
+__global__ void finalize_stats(const double* row_part, int64_t B, double fraction, const double* sel_stats,
+                               const int64_t* sel_meta, DevState* s) {
+  double sa = 0, sl = 0, n = 0, ns = 0, bad = 0;
+  for (int64_t r = 0; r < B; ++r) {  // row order, like the CPU kernel
+    sa += row_part[r * kRowStats1 + 0];
+    sl += row_part[r * kRowStats1 + 1];
+    n += row_part[r * kRowStats1 + 2];
+    ns += row_part[r * kRowStats1 + 2] > 0 ? 1 : 0;
+    bad += row_part[r * kRowStats1 + 3];
+  }
+  s->sum_a = sa;
+  s->sum_lp = sl;
+  s->n_valid = n;
+  s->n_seq = ns;
+  s->n_valid_local = n;
+  s->n_bad = bad;
+  s->thr = -1;
+  s->row_offset = 0;
+  load_selection(s, sel_stats, sel_meta);
+  s->k = select_count(fraction, n);
+  s->krem = s->k;
+  s->prefix = 0;
+  s->n_eligible = 0;
+}
+
+__global__ void init_keys_state(const double* sel_stats, const int64_t* sel_meta, DevState* s) {
+  load_selection(s, sel_stats, sel_meta);
+}
+
+template <typename acc_t>
+__device__ void means(const DevState* s, acc_t& ma, acc_t& ml) {
+  const double n = s->n_valid > 1 ? s->n_valid : 1.0;
+  ma = static_cast<acc_t>(s->sum_a / n);
+  ml = static_cast<acc_t>(s->sum_lp / n);
+}
+
+// Selection key of every token; with_hist also histograms the top digit (bits 56..62).
+template <typename scalar_t, typename acc_t>
+__global__ void key_hist(Loader<scalar_t, acc_t> in, int64_t T, Params p, DevState* s, int64_t* keys,
+                         bool with_hist) {
+  __shared__ unsigned int hist[kBins];
+  for (int j = threadIdx.x; j < kBins; j += blockDim.x) hist[j] = 0;
+  __syncthreads();
+  const int64_t r = blockIdx.x;
+  acc_t ma, ml;
+  means(s, ma, ml);
+  const int64_t base = (s->row_offset + r) * T;
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+    const int64_t i = r * T + t;
+    int64_t key = kNotEligible;
+    if (in.valid[i]) {
+      const auto e = eval_token<acc_t>(static_cast<acc_t>(in.lp[i]), in.olp[i], in.a(r, t), ma, ml, p);
+      key = token_key(e, base + t, p);
+    }
+    keys[i] = key;
+    if (with_hist && key != kNotEligible) atomicAdd(&hist[(key >> 56) & 0xFF], 1u);
+  }
+  if (!with_hist) return;
+  __syncthreads();
+  for (int j = threadIdx.x; j < kBins; j += blockDim.x)
+    if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
+}
+
+// Pick the digit at `shift` that holds the krem-th key; reset the histogram and the next count.
+__global__ void select_digit(DevState* s, int shift, int round) {
+  if (round == 0) {
+    long long n = 0;
+    for (int d = 0; d < kBins; ++d) n += s->hist[d];
+    s->n_eligible = n;
+  }
+  long long cum = 0;
+  int d = 0;
+  for (; d < kBins - 1; ++d) {
+    if (cum + (long long)s->hist[d] >= s->krem) break;
+    cum += s->hist[d];
+  }
+  s->krem -= cum;
+  s->prefix |= (long long)d << shift;
+  for (int j = 0; j < kBins; ++j) s->hist[j] = 0;
+  s->count[(round + 1) & 1] = 0;
+  if (shift == 0)  // last round: the threshold
+    s->thr = s->k <= 0 ? -1 : (s->n_eligible < s->k ? kNotEligible - 1 : s->prefix);
+}
+
+// Keep the keys matching the prefix above `shift` + 8; histogram their digit at `shift`.
+__global__ void filter(const int64_t* in, const unsigned long long* in_count, int64_t n_all,
+                       int64_t* out, int out_slot, DevState* s, int shift) {
+  __shared__ unsigned int hist[kBins];
+  for (int j = threadIdx.x; j < kBins; j += blockDim.x) hist[j] = 0;
+  __syncthreads();
+  const int64_t n = in_count ? (int64_t)*in_count : n_all;
+  const long long want = s->prefix >> (shift + 8);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t key = in[i];
+    if (key == kNotEligible || (key >> (shift + 8)) != want) continue;
+    out[atomicAdd(&s->count[out_slot], 1ull)] = key;
+    atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < kBins; j += blockDim.x)
+    if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void main_pass(Loader<scalar_t, acc_t> in, int64_t T, Params p, const DevState* s,
+                          const double* row_part, acc_t* grad, bool* selected, double* row_out) {
+  const int64_t r = blockIdx.x;
+  acc_t ma, ml;
+  means(s, ma, ml);
+  const acc_t scale =
+      static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kRowStats1 + 2], p.norm));
+  const long long thr = s->thr;
+  const int64_t base = (s->row_offset + r) * T;
+  double v[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+    const int64_t i = r * T + t;
+    if (!in.valid[i]) {
+      grad[i] = acc_t(0);
+      selected[i] = false;
+      continue;
+    }
+    auto e = eval_token<acc_t>(static_cast<acc_t>(in.lp[i]), in.olp[i], in.a(r, t), ma, ml, p);
+    const int64_t key = token_key(e, base + t, p);
+    const bool sel = key != kNotEligible && key <= thr;
+    apply_selection(e, sel, p);
+    if (in.isw) {
+      e.loss *= in.isw[i];
+      e.grad *= in.isw[i];
+    }
+    grad[i] = e.grad * scale;
+    selected[i] = sel;
+    v[kLossSum] += e.loss;
+    v[kNClipped] += e.clipped;
+    v[kNSel] += sel;
+    v[kNCand] += e.cand;
+    v[kNegDelta] -= e.delta;
+    v[kAbsDeltaSum] += e.delta < acc_t(0) ? -e.delta : e.delta;
+    v[kCovSum] += e.cov;
+  }
+  block_sum(v);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < kRowStats; ++j) row_out[r * kRowStats + j] = v[j];
+}
+
+template <typename acc_t>
+__global__ void finalize_loss(const double* row_part, const double* row_out, int64_t B, Params p,
+                              const DevState* s, acc_t* loss, float* m) {
+  double l = 0, tot[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
+  for (int64_t r = 0; r < B; ++r) {
+    l += row_out[r * kRowStats + kLossSum] *
+         row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kRowStats1 + 2], p.norm);
+    for (int j = 0; j < kRowStats; ++j) tot[j] += row_out[r * kRowStats + j];
+  }
+  const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
+  *loss = static_cast<acc_t>(s->n_bad > 0 ? NAN : l);
+  m[kClipFrac] = static_cast<float>(tot[kNClipped] / d);
+  m[kSelectedFrac] = static_cast<float>(tot[kNSel] / d);
+  m[kNCandidates] = static_cast<float>(p.mode == kClipCov ? tot[kNCand] : p.mode == kKLCov ? nl : 0.0);
+  m[kApproxKL] = static_cast<float>(tot[kNegDelta] / d);
+  m[kAbsDelta] = static_cast<float>(tot[kAbsDeltaSum] / d);
+  m[kCovMean] = static_cast<float>(tot[kCovSum] / d);
+  m[kNValid] = static_cast<float>(nl);
+  m[kK] = static_cast<float>(p.mode == kPPO ? 0 : s->k);
+  m[kNonFinite] = static_cast<float>(s->n_bad);
+}
+
+template <typename acc_t>
+__global__ void poison_grad(const DevState* s, acc_t* grad, int64_t n) {
+  if (s->n_bad == 0) return;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    grad[i] = acc_t(0);
+}
+
+// Grid of the grid-stride kernels: 4 blocks per SM (an attribute query, not a stream op).
+int stride_grid() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return 4 * sms;
+}
+
+struct Prepared {
+  Tensor lp, olp, adv, valid, isw;
+  bool adv_row;
+};
+
+Prepared prepare(const Tensor& lp, const Tensor& olp, const Tensor& adv, const Tensor& mask,
+                 const c10::optional<Tensor>& isw, at::ScalarType acc) {
+  Prepared q;
+  q.lp = lp.contiguous();
+  q.olp = olp.to(acc).contiguous();
+  q.adv = adv.to(acc).contiguous();
+  q.adv_row = adv.dim() == 1;
+  q.valid = mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0).contiguous();
+  if (isw.has_value()) q.isw = isw->to(acc).contiguous();
+  return q;
+}
+
+template <typename scalar_t, typename acc_t>
+Loader<scalar_t, acc_t> loader(const Prepared& q, int64_t T) {
+  Loader<scalar_t, acc_t> in;
+  in.lp = q.lp.data_ptr<scalar_t>();
+  in.olp = q.olp.data_ptr<acc_t>();
+  in.adv = q.adv.data_ptr<acc_t>();
+  in.valid = q.valid.data_ptr<bool>();
+  in.isw = q.isw.defined() ? q.isw.data_ptr<acc_t>() : nullptr;
+  in.as = q.adv_row ? 1 : T;
+  in.ats = q.adv_row ? 0 : 1;
+  return in;
+}
+
+void check_selection(const Tensor& lp, const c10::optional<Tensor>& st, const c10::optional<Tensor>& meta) {
+  if (st.has_value())
+    TORCH_CHECK_VALUE(st->device() == lp.device() && st->scalar_type() == at::kDouble && st->numel() == 4,
+                      "sel_stats must be a float64 [4] tensor on ", lp.device());
+  if (meta.has_value())
+    TORCH_CHECK_VALUE(meta->device() == lp.device() && meta->scalar_type() == at::kLong && meta->numel() == 2,
+                      "sel_meta must be an int64 [2] tensor on ", lp.device());
+}
+
+// Radix select of the k-th smallest key (8 rounds of 8-bit digits), entirely on the device.
+void radix_select(Tensor& keys, DevState* s, int64_t N, cudaStream_t stream) {
+  Tensor buf = at::empty_like(keys);
+  // odd rounds write `buf`, even rounds `keys` (whose full contents round 1 has consumed)
+  int64_t* bufs[2] = {keys.data_ptr<int64_t>(), buf.data_ptr<int64_t>()};
+  const int grid = stride_grid();
+  select_digit<<<1, 1, 0, stream>>>(s, 56, 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int round = 1, shift = 48; shift >= 0; ++round, shift -= 8) {
+    // round 1 reads the full key buffer; later rounds read the previous survivors
+    const int64_t* in = round == 1 ? keys.data_ptr<int64_t>() : bufs[(round - 1) & 1];
+    const unsigned long long* in_count = round == 1 ? nullptr : &s->count[(round - 1) & 1];
+    filter<<<grid, kThreads, 0, stream>>>(in, in_count, N, bufs[round & 1], round & 1, s, shift);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    select_digit<<<1, 1, 0, stream>>>(s, shift, round);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
+    const Tensor& log_prob, const Tensor& old_log_prob, const Tensor& advantages, const Tensor& mask,
+    const c10::optional<Tensor>& is_weights, const c10::optional<Tensor>& sel_stats,
+    const c10::optional<Tensor>& sel_meta, c10::string_view mode, c10::string_view agg,
+    double clip_low, double clip_high, c10::optional<double> dual_clip, double fraction,
+    double clip_cov_lb, double clip_cov_ub, double kl_coef, int64_t seed, double norm) {
+  check_inputs(log_prob, old_log_prob, advantages, mask, is_weights);
+  check_selection(log_prob, sel_stats, sel_meta);
+  const c10::cuda::CUDAGuard guard(log_prob.device());
+  const Params p = make_params(log_prob, std::string(mode), std::string(agg), clip_low, clip_high,
+                               dual_clip, fraction, clip_cov_lb, clip_cov_ub, kl_coef, seed, norm);
+  const auto acc = log_prob.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Prepared q = prepare(log_prob, old_log_prob, advantages, mask, is_weights, acc);
+  const int64_t B = p.B, T = p.T, N = B * T;
+  const auto opts = log_prob.options();
+  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
+  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
+  Tensor row_part = at::empty({B, kRowStats1}, opts.dtype(at::kDouble));
+  Tensor row_out = at::empty({B, kRowStats}, opts.dtype(at::kDouble));
+  Tensor loss = at::empty({}, opts.dtype(acc));
+  Tensor grad = at::empty({B, T}, opts.dtype(acc));
+  Tensor metrics = at::zeros({kNumMetrics}, opts.dtype(at::kFloat));
+  Tensor selected = at::empty({B, T}, opts.dtype(at::kBool));
+  const double* st = sel_stats.has_value() ? sel_stats->data_ptr<double>() : nullptr;
+  const int64_t* mt = sel_meta.has_value() ? sel_meta->data_ptr<int64_t>() : nullptr;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (B == 0) return {loss.zero_(), grad, metrics, selected};
+  COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto in = loader<scalar_t, acc_t>(q, T);
+    row_stats<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, row_part.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finalize_stats<<<1, 1, 0, stream>>>(row_part.data_ptr<double>(), B, fraction, st, mt, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (p.mode != kPPO && !sel_meta.has_value()) {
+      Tensor keys = at::empty({N}, opts.dtype(at::kLong));
+      key_hist<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, p, s, keys.data_ptr<int64_t>(), true);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      radix_select(keys, s, N, stream);
+    }
+    main_pass<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, p, s, row_part.data_ptr<double>(),
+                                                           grad.data_ptr<acc_t>(), selected.data_ptr<bool>(),
+                                                           row_out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finalize_loss<acc_t><<<1, 1, 0, stream>>>(row_part.data_ptr<double>(), row_out.data_ptr<double>(), B,
+                                              p, s, loss.data_ptr<acc_t>(), metrics.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int grid = stride_grid();
+    poison_grad<acc_t><<<grid, kThreads, 0, stream>>>(s, grad.data_ptr<acc_t>(), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, grad, metrics, selected};
+}
+
+Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob, const Tensor& advantages,
+                             const Tensor& mask, const Tensor& sel_stats, const Tensor& sel_meta,
+                             c10::string_view mode, double clip_low, double clip_high, double clip_cov_lb,
+                             double clip_cov_ub, int64_t seed) {
+  check_inputs(log_prob, old_log_prob, advantages, mask, c10::nullopt);
+  check_selection(log_prob, sel_stats, sel_meta);
+  const c10::cuda::CUDAGuard guard(log_prob.device());
+  const Params p = make_params(log_prob, std::string(mode), "token-mean", clip_low, clip_high,
+                               c10::nullopt, 1.0, clip_cov_lb, clip_cov_ub, 0.0, seed, 1.0);
+  const auto acc = log_prob.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Prepared q = prepare(log_prob, old_log_prob, advantages, mask, c10::nullopt, acc);
+  const auto opts = log_prob.options();
+  Tensor keys = at::empty({p.B, p.T}, opts.dtype(at::kLong));
+  if (p.B == 0) return keys;
+  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
+  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  init_keys_state<<<1, 1, 0, stream>>>(sel_stats.data_ptr<double>(), sel_meta.data_ptr<int64_t>(), s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_keys_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    key_hist<scalar_t, acc_t><<<p.B, kThreads, 0, stream>>>(loader<scalar_t, acc_t>(q, p.T), p.T, p, s,
+                                                            keys.data_ptr<int64_t>(), false);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return keys;
+}
+
+}  // namespace
+}  // namespace covrl
+
+TORCH_LIBRARY_IMPL(covrl, CUDA, m) {
+  m.impl("policy_loss_fwd", &covrl::policy_loss_fwd_cuda);
+  m.impl("policy_loss_keys", &covrl::policy_loss_keys_cuda);
+}
