@@ -49,8 +49,8 @@ Deviations from the paper (Cui et al. 2025) and its verl recipe
 * Advantages are computed by the learner from the rewards of the submitted groups (same
   estimators as verl; no critic, no reference-model KL term, as in the paper's runs).
 * The entropy controller (beyond the paper) is off unless ``algo.entropy_target`` is set.
-* Clip-Cov / KL-Cov select tokens per learner micro-batch (see ``covrl.learner``); set
-  ``learner.micro_batch_size`` >= the batch to select over the whole batch as the paper.
+* Clip-Cov / KL-Cov select their tokens over each learner mini-batch (the whole batch
+  when ``learner.mini_batch_size=0``, the default), see ``covrl.learner``.
 * The demo runs a 135M model for tens of steps on CPU, far from the paper's 7B-32B runs.
 """
 

@@ -5,7 +5,7 @@
   uninterrupted run's.
 * ppo and clip_cov through in-process servers on port 0 given as addresses (the remote
   path); the ppo run starts with the reward service down, the clip_cov run is pipelined
-  (max_staleness=1).
+  (max_staleness=1) with the entropy controller on.
 """
 
 from __future__ import annotations
@@ -100,8 +100,11 @@ def test_ppo_waits_for_a_reward_service_that_is_down_at_start(tmp_path, tiny_mod
 
 @pytest.mark.slow
 def test_clip_cov_pipelined_in_process_services(tmp_path, tiny_model_dir):
-    cfg = tiny_cfg(tmp_path / "run", **{"algo.loss_mode": "clip_cov", "algo.clip_cov_fraction": 0.05,
-                                        "algo.clip_cov_lb": -10, "algo.max_staleness": 1})
+    # entropy_target far above the tiny model's entropy: the controller must raise the
+    # Clip-Cov fraction, and the learner must accept it as a per-step override.
+    cfg = tiny_cfg(tmp_path / "run", **{"algo.loss_mode": "clip_cov", "algo.clip_cov_fraction": 0.02,
+                                        "algo.clip_cov_lb": -10, "algo.max_staleness": 1,
+                                        "algo.entropy_target": 10.0})
     with in_process_services(cfg, tiny_model_dir, tmp_path) as addr:
         cfg.services.rollout = [addr["rollout"]]
         cfg.services.reward = addr["reward"]
@@ -112,6 +115,9 @@ def test_clip_cov_pipelined_in_process_services(tmp_path, tiny_model_dir):
     _check_steps(rows)
     assert rows[1]["staleness/mean_lag"] == pytest.approx(1.0)  # trained one version off-policy
     assert all(r["staleness/dropped"] == 0 for r in rows)
+    knob = [r["controller/clip_cov_fraction"] for r in rows]
+    assert knob[0] > 0.02 and knob == sorted(knob)
+    assert all(r["controller/error"] < 0 for r in rows)  # entropy below target
 
 
 def test_a_local_service_that_dies_is_reported_with_its_log(tmp_path):
