@@ -396,12 +396,6 @@ class Trainer:
                               f"turns their selection fraction or kl_coef), got loss_mode={a.loss_mode}")
         if knob == "kl_coef" and a.loss_mode != "kl_cov":
             raise ConfigError("algo.controller_knob=kl_coef needs algo.loss_mode=kl_cov")
-        from covrl._proto.v1 import learner_pb2
-
-        if "loss_overrides" not in learner_pb2.TrainRequest.DESCRIPTOR.fields_by_name:
-            raise ConfigError("algo.entropy_target: the learner contract in this install (covrl.v1 TrainRequest) "
-                              "has no loss_overrides field, so the controller's output cannot reach the learner; "
-                              "unset algo.entropy_target")
         init = a.kl_coef if knob == "kl_coef" else getattr(a, knob)
         return EntropyController(a.entropy_target, a.entropy_tolerance, knob=knob, init=init,
                                  lower=min(init, 2e-4 if knob != "kl_coef" else 1e-2))
@@ -615,14 +609,12 @@ class Trainer:
         return resp
 
     def _train_with_overrides(self, recompute: bool, push: bool):
-        """Train with the controller's loss kwargs (needs ``TrainRequest.loss_overrides`` in the contract)."""
+        """Train with the controller's loss kwargs (``TrainRequest.loss_overrides``; LearnerClient.train
+        has no such argument yet, so the request is built here)."""
         from covrl._proto.v1 import learner_pb2
         from covrl.client import PushResult, TrainResult, _from_proto
 
         req = learner_pb2.TrainRequest(recompute_old_logprobs=recompute, skip_push=not push)
-        if "loss_overrides" not in req.DESCRIPTOR.fields_by_name:
-            raise RuntimeError("the learner contract (TrainRequest) has no loss_overrides field, so the entropy "
-                               "controller's output cannot reach the learner; unset algo.entropy_target")
         for k, v in self._loss_overrides.items():
             req.loss_overrides[k] = float(v)
         lc = self.ch.learner

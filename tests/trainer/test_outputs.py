@@ -64,16 +64,3 @@ def test_pass_at_k():
     assert pass_at_k([[False, True, False, False]], 2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 3 samples"):
         pass_at_k([[True]], 3)
-
-
-def test_entropy_target_needs_contract_support(tmp_path):
-    from covrl._proto.v1 import learner_pb2
-    from covrl.config import ConfigError, load_config
-    from covrl.trainer import Trainer
-
-    if "loss_overrides" in learner_pb2.TrainRequest.DESCRIPTOR.fields_by_name:
-        pytest.skip("this contract carries loss overrides")
-    cfg = load_config(None, ["model.path=tiny", "algo.entropy_target=1.0", f"logging.run_dir={tmp_path}",
-                             "data.train_size=16", "data.eval_size=2"])
-    with pytest.raises(ConfigError, match="algo.entropy_target: the learner contract"):
-        Trainer(cfg)
