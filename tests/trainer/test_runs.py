@@ -63,6 +63,14 @@ def test_kl_cov_local_subprocess_services_and_resume_equality(tmp_path):
     assert _stable(resumed[2]) == _stable(rows[2])
 
 
+    # `covrl eval --checkpoint RUN_DIR`: the latest checkpoint on the held-out split.
+    from covrl.trainer import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(cfg, str(copy))
+    assert ev["checkpoint"].endswith(os.path.join("step_000003", "learner"))
+    assert ev["n_prompts"] == 2 and 0.0 <= ev["pass@1"] <= ev["pass@2"] <= 1.0
+
+
 @pytest.mark.slow
 def test_ppo_waits_for_a_reward_service_that_is_down_at_start(tmp_path, tiny_model_dir, capfd):
     from covrl.services.launch import start
