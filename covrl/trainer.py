@@ -368,7 +368,7 @@ class Trainer:
         self.controller = self._make_controller()
         # entropy / covariance history for the predicted-vs-observed dH diagnostics
         self.history: list[dict] = []
-        self.skipped_rollouts = 0
+        self.empty_rollouts = 0  # completions with no token (not trainable), per step
         self.pending: Future | None = None
         self._pending_batch: Batch | None = None
         self.local: LocalServices | None = None
@@ -598,6 +598,10 @@ class Trainer:
                             behavior_logprobs=ro.logprobs, reward=ro.reward, weight_version=ro.weight_version,
                             group_id=ro.group_id, finish_reason=ro.finish_reason)
                  for ro in rollouts if ro.completion_ids]
+        self.empty_rollouts = len(rollouts) - len(trajs)
+        if not trajs:
+            raise RuntimeError(f"all {len(rollouts)} completions of this step are empty (0 tokens); check "
+                               f"rollout.max_new_tokens and the rollout service's log")
         self.ch.learner.submit_rollouts(trajs, timeout_s=120)
         recompute = bool(self.cfg.learner.recompute_old_logprobs or self.cfg.algo.max_staleness > 0)
         if self._loss_overrides:
@@ -642,6 +646,7 @@ class Trainer:
             "response/length_max": max(lengths) if lengths else 0,
             "response/truncated_frac": sum(ro.finish_reason == "length" for ro in rs) / n,
             "staleness/dropped": dropped,
+            "rollout/empty_dropped": self.empty_rollouts,
             "staleness/mean_lag": sum(self.learner_version - 1 - ro.weight_version for ro in kept) / max(len(kept), 1),
             "actor/loss": resp.loss,
             "actor/entropy": resp.entropy,
