@@ -107,14 +107,15 @@ class Config:
     kl_coef: float = field(default=1.0, metadata={"help": "KL-Cov penalty weight"})
     # entropy control
     entropy_target: float = field(default=0.0, metadata={"help": "target entropy (nats); 0 = ratio x SFT entropy"})
-    entropy_target_ratio: float = field(default=0.5, metadata={"help": "target = ratio x SFT entropy"})
+    entropy_target_ratio: float = field(default=1 / 3, metadata={"help": "target = ratio x SFT entropy"})
     entropy_tolerance: float = field(default=0.2, metadata={"help": "controller band, fraction of target"})
     controller_knob: str = field(default="kl_coef", metadata={"help": "kl_coef | kl_cov_fraction"})
-    controller_lower: float = field(default=0.25, metadata={"help": "smallest knob value"})
-    controller_upper: float = field(default=8.0, metadata={"help": "largest knob value"})
-    controller_gain_p: float = field(default=1.0, metadata={"help": "proportional gain (log knob per log error)"})
+    controller_lower: float = field(default=1.0, metadata={"help": "smallest knob value"})
+    controller_upper: float = field(default=20.0, metadata={"help": "largest knob value"})
+    controller_gain_p: float = field(default=2.0, metadata={"help": "proportional gain (log knob per log error)"})
     controller_gain_i: float = field(default=0.2, metadata={"help": "integral gain (log knob per log error per step)"})
-    controller_warmup: int = field(default=0, metadata={"help": "steps excluded from the band check; 0 = 20%"})
+    controller_horizon: float = field(default=10.0, metadata={"help": "look-ahead steps of the -eta*Cov prediction"})
+    controller_warmup: int = field(default=0, metadata={"help": "steps excluded from the band check; 0 = steps/3"})
 
     def method_list(self) -> list[str]:
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -310,7 +311,8 @@ def run_method(cfg: Config, method: str, sft_state: dict, selection: str, target
     if method == "kl_cov_ctrl":
         ctl = EntropyController(target=target, tolerance=cfg.entropy_tolerance, knob=cfg.controller_knob,
                                 init=kw[cfg.controller_knob], lower=cfg.controller_lower, upper=cfg.controller_upper,
-                                gain_p=cfg.controller_gain_p, gain_i=cfg.controller_gain_i)
+                                gain_p=cfg.controller_gain_p, gain_i=cfg.controller_gain_i,
+                                horizon=cfg.controller_horizon)
     targets_all = torch.tensor(task.targets)
     n = cfg.prompts_per_step * cfg.group_size
     mb = n // cfg.minibatches
@@ -509,19 +511,22 @@ def analyse(result: dict) -> dict:
             out["fit"] = fit.to_dict()
             out["forecast"] = early.to_dict()
             out["forecast"]["at_final_entropy"] = early.predict(_tail_mean(h))
-            # Explanatory only (a window chosen after seeing the data): the fit up to the peak of
-            # the reward's moving mean, i.e. before any late reward collapse.
-            ma = _moving_average(r, END_WINDOW)
-            peak = max(range(len(ma)), key=ma.__getitem__)
-            if peak + 1 >= 3:
-                pre = fit_reward_entropy(h[:peak + 1], r[:peak + 1]).to_dict()
-                out["fit_to_peak"] = {**pre, "peak_step": peak, "peak_reward_ma": ma[peak]}
+            # Where does the law hold? R² of the fit on growing prefixes of the run (no chosen window).
+            out["fit_by_prefix"] = []
+            for frac in (0.2, 0.4, 0.6, 0.8, 1.0):
+                n = max(3, int(round(frac * len(h))))
+                try:
+                    f = fit_reward_entropy(h[:n], r[:n])
+                except ValueError:
+                    continue
+                out["fit_by_prefix"].append({"fraction": frac, "n": n, "r2": f.r2, "ceiling": f.ceiling,
+                                             "reward_ma_at_end": _moving_average(r[:n], END_WINDOW)[-1]})
         except ValueError as exc:  # too few steps / constant entropy: say so in the report
             out["fit_error"] = str(exc)
     ctl_run = next((r for r in result["runs"] if r["method"] == "kl_cov_ctrl"), None)
     if ctl_run is not None:
         h = ctl_run["log"]["entropy"]
-        warm = cfg["controller_warmup"] or max(1, int(0.2 * len(h)))
+        warm = cfg["controller_warmup"] or max(1, len(h) // 3)
         warm = min(warm, len(h) - 1)
         tgt, tol = result["entropy_target"], cfg["entropy_tolerance"]
         inside = [abs(x / tgt - 1) <= tol for x in h[warm:]]
@@ -547,7 +552,8 @@ def _targets(out: dict, by: dict, result: dict) -> list[dict]:
     for m in ("clip_cov", "kl_cov"):
         if g and m in by:
             ratio = by[m]["h_end"] / max(g["h_end"], 1e-12)
-            add(f"{m} entropy >= 10x GRPO's at the end", f"{ratio:.1f}x", ratio >= 10)
+            add(f"{m} entropy >= 10x GRPO's at the end", f"{ratio:.1f}x (a run that kept its starting entropy: "
+                f"{by[m]['h_start'] / max(g['h_end'], 1e-12):.1f}x)", ratio >= 10)
             add(f"{m} reward not worse than GRPO (end)", f"{by[m]['r_end']:.3f} vs {g['r_end']:.3f}",
                 by[m]["r_end"] >= g["r_end"])
     for row in out["rows"]:
@@ -728,8 +734,7 @@ def summary_rows(analysis: dict) -> list[str]:
     return lines
 
 
-def write_report(result: dict, analysis: dict, out_dir: str, command: str, figures: list[str],
-                 notes: str = "") -> str:
+def write_report(result: dict, analysis: dict, out_dir: str, command: str, figures: list[str]) -> str:
     cfg = result["config"]
     lines = [
         "# Entropy study: GRPO vs Clip-Higher vs Clip-Cov vs KL-Cov, and entropy control",
@@ -756,14 +761,15 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
         f"- Methods: GRPO (`ppo`, clip 0.2/0.2), Clip-Higher (`ppo`, 0.2/0.28), Clip-Cov (`clip_cov`, fraction "
         f"{cfg['clip_cov_fraction']}, bounds [{cfg['clip_cov_lb']}, {cfg['clip_cov_ub']}]), KL-Cov (`kl_cov`, "
         f"fraction {cfg['kl_cov_fraction']}, kl_coef {cfg['kl_coef']}), KL-Cov + `EntropyController` "
-        f"(knob `{cfg['controller_knob']}`, target {result['entropy_target']:.3f} nats, ±{cfg['entropy_tolerance']:.0%}).",
+        f"(knob `{cfg['controller_knob']}` in [{cfg['controller_lower']}, {cfg['controller_upper']}], gains "
+        f"p={cfg['controller_gain_p']} i={cfg['controller_gain_i']}, look-ahead {cfg['controller_horizon']} steps; "
+        f"target {result['entropy_target']:.3f} nats = {cfg['entropy_target_ratio']:.3g} x the SFT entropy, "
+        f"±{cfg['entropy_tolerance']:.0%}).",
         f"- Same seed ({cfg['seed']}), same prompts per step, same sampling stream, same budget for every run.",
         f"- \"End\" values are the mean over the last {END_WINDOW} steps (raw last-step values are in "
         "`results.json`); no other smoothing enters any number.",
         "",
     ]
-    if notes:
-        lines += [notes.strip(), ""]
     lines += ["## Targets", "", "| target | achieved | pass |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['achieved']} | {'yes' if t['pass'] else '**no**'} |" for t in analysis["targets"]]
     lines += ["", "## Summary", ""] + summary_rows(analysis) + [""]
@@ -787,13 +793,12 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
             f"({g['h_end']:.3f}) = {fc['at_final_entropy']:.3f}.",
             f"- Final reward (mean of last {END_WINDOW} steps): {g['r_end']:.3f} (last step {g['r_last']:.3f}).",
         ]
-        if "fit_to_peak" in analysis:
-            p = analysis["fit_to_peak"]
-            lines.append(
-                f"- Explanatory only (window picked after seeing the run, not a target number): fitted on steps "
-                f"0-{p['peak_step']} (up to the peak of the reward's {END_WINDOW}-step moving mean, "
-                f"{p['peak_reward_ma']:.3f}): a = {p['a']:.4f}, b = {p['b']:.4f}, R² = {p['r2']:.3f}, "
-                f"ceiling = {p['ceiling']:.3f}.")
+        if analysis.get("fit_by_prefix"):
+            lines += ["", "Fit on growing prefixes of the run (where the law stops holding):", "",
+                      f"| first | steps | R² | ceiling -a+b | reward ({END_WINDOW}-step mean) at the prefix end |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {p['fraction']:.0%} | {p['n']} | {p['r2']:.3f} | {p['ceiling']:.3f} | "
+                      f"{p['reward_ma_at_end']:.3f} |" for p in analysis["fit_by_prefix"]]
         lines.append("")
     elif "fit_error" in analysis:
         lines += ["## R-H fit (GRPO)", "", f"Not fitted: {analysis['fit_error']}", ""]
@@ -836,7 +841,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    p.add_argument("--notes", default="", help="markdown file whose text goes into the report (discussion)")
     return p
 
 
@@ -845,7 +849,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = build_parser().parse_args(argv)
-    notes_path = args.notes
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     try:
         cfg.validate()
@@ -857,8 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_all(cfg)
     analysis = analyse(result)
     figures = write_figures(result, analysis, cfg.out)
-    notes = open(notes_path).read() if notes_path else ""
-    write_report(result, analysis, cfg.out, command, figures, notes)
+    write_report(result, analysis, cfg.out, command, figures)
     with open(os.path.join(cfg.out, "results.json"), "w") as fh:
         json.dump({"result": result, "analysis": analysis}, fh, indent=1, default=float)
     for t in analysis["targets"]:
