@@ -318,7 +318,8 @@ def run_method(cfg: Config, method: str, sft_state: dict, selection: str, target
     mb = n // cfg.minibatches
     ub = mb // cfg.micro_batches
     log: dict[str, list] = {k: [] for k in (
-        "reward", "entropy", "entropy_after", "cov", "clip_frac", "selected_frac", "approx_kl", "knob", "time_s")}
+        "reward", "entropy", "entropy_after", "cov", "clip_frac", "selected_frac", "approx_kl", "knob", "time_s",
+        "first_token_cov", "first_token_entropy", "first_token_entropy_after")}
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         # Same prompts and sampling stream for every method at a given step.
@@ -370,6 +371,14 @@ def run_method(cfg: Config, method: str, sft_state: dict, selection: str, target
         log["reward"].append(float(rewards.mean()))
         log["entropy"].append(h)
         log["entropy_after"].append(_masked_mean(ent_after, mask))
+        # The paper's lemma is per state. The first response token's state is the prompt, shared by
+        # the whole group, so its within-group covariance is an exact per-state estimate.
+        lp0 = old_lp[:, 0].view(-1, cfg.group_size).double()  # [P, G]
+        a0 = adv.view(-1, cfg.group_size).double()  # [P, G]
+        cov0 = ((lp0 - lp0.mean(1, keepdim=True)) * (a0 - a0.mean(1, keepdim=True))).mean()
+        log["first_token_cov"].append(float(cov0))
+        log["first_token_entropy"].append(float(ent[:, 0].mean()))
+        log["first_token_entropy_after"].append(float(ent_after[:, 0].mean()))
         log["cov"].append(float(m0["cov"]))
         log["clip_frac"].append(sum(clip_fracs) / len(clip_fracs))
         log["selected_frac"].append(sum(sel_fracs) / len(sel_fracs))
@@ -452,6 +461,7 @@ def run_all(cfg: Config) -> dict:
 # Analysis
 
 END_WINDOW = 10  # "final" reward / entropy = mean over the last END_WINDOW steps (also reported raw)
+BLOCKS = (1, 5, 10, 25)  # time scales (steps) of the Cov-vs-dH Pearson table; 1 = raw
 
 
 def _tail_mean(x: list[float]) -> float:
@@ -489,6 +499,19 @@ def analyse(result: dict) -> dict:
             # -(H_t+1 - H_t) = [update effect on batch t] + [resampling: same policy, new batch]:
             # H_t+1 - H_after_t is measured with one policy on two batches, so it is pure sampling noise.
             resample = [b - a for a, b in zip(ha[:-1], h[1:], strict=True)]
+            # The same Pearson on non-overlapping blocks of w steps (mean Cov over the block against the
+            # entropy drop over it): every w in BLOCKS is reported, w = 1 being the raw per-step number.
+            row["pearson_blocks"] = {}
+            for w in BLOCKS:
+                nb = (len(h) - 1) // w
+                if nb < 3:
+                    continue
+                cb = [sum(c[i * w:(i + 1) * w]) / w for i in range(nb)]
+                dn = [-(h[(i + 1) * w] - h[i * w]) for i in range(nb)]
+                ds = [-sum(ha[j] - h[j] for j in range(i * w, (i + 1) * w)) for i in range(nb)]
+                row["pearson_blocks"][w] = (pearson(cb, dn), pearson(cb, ds), nb)
+            h0, h0a = L["first_token_entropy"], L["first_token_entropy_after"]
+            row["pearson_first_token"] = pearson(L["first_token_cov"], [-(b - a) for a, b in zip(h0, h0a, strict=True)])
             row["sd_update"] = statistics.pstdev(d_same)
             row["sd_resample"] = statistics.pstdev(resample)
             try:
@@ -497,7 +520,7 @@ def analyse(result: dict) -> dict:
                 row["eta_same"] = nan
         else:
             row["pearson_next"] = row["pearson_same"] = row["eta_same"] = nan
-            row["sd_update"] = row["sd_resample"] = nan
+            row["sd_update"] = row["sd_resample"] = row["pearson_first_token"] = nan
         rows.append(row)
     by = {row["label"]: row for row in rows}
     out: dict = {"rows": rows, "targets": []}
@@ -718,9 +741,9 @@ def summary_rows(analysis: dict) -> list[str]:
     """The summary table as markdown lines (header, rule, one row per run)."""
     lines = [
         "| run | H start | H end | H0/H_end | H_end / GRPO's | R start | R end | R max | "
-        "Pearson next-batch | Pearson same-batch | sd(update dH) | sd(resampling) | eta (same-batch fit) | "
-        "clip frac | selected frac | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Pearson next-batch | Pearson same-batch | Pearson first token, per state | sd(update dH) | sd(resampling) | "
+        "eta (same-batch fit) | clip frac | selected frac | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     g = next((r for r in analysis["rows"] if r["label"] == "grpo"), None)
     for r in analysis["rows"]:
@@ -728,7 +751,7 @@ def summary_rows(analysis: dict) -> list[str]:
         lines.append(
             f"| {r['label']} | {_fmt(r['h_start'])} | {_fmt(r['h_end'])} | {_fmt(r['collapse'], 1)} | {_fmt(rel, 1)} | "
             f"{_fmt(r['r_start'])} | {_fmt(r['r_end'])} | {_fmt(r['r_max'])} | {_fmt(r['pearson_next'], 2)} | "
-            f"{_fmt(r['pearson_same'], 2)} | {_fmt(r['sd_update'], 4)} | {_fmt(r['sd_resample'], 4)} | {_fmt(r['eta_same'], 3)} | {_fmt(r['clip_frac'], 4)} | "
+            f"{_fmt(r['pearson_same'], 2)} | {_fmt(r['pearson_first_token'], 2)} | {_fmt(r['sd_update'], 4)} | {_fmt(r['sd_resample'], 4)} | {_fmt(r['eta_same'], 3)} | {_fmt(r['clip_frac'], 4)} | "
             f"{_fmt(r['selected_frac'], 4)} | {_fmt(r['wall_s'], 0)} |"
         )
     return lines
@@ -779,9 +802,29 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
         "the step-t batch after the update minus before it (no resampling noise). The next-batch entropy drop "
         "splits exactly into the update's effect on batch t (sd in column sd(update dH)) plus "
         "H_t+1 - H_after,t, the same policy measured on two different sampled batches, i.e. pure sampling "
-        "noise (column sd(resampling)).",
+        "noise (column sd(resampling)). Pearson first token, per state: the paper's lemma is about one state; "
+        "the first response token's state is the prompt, shared by the whole group, so there the group's own "
+        "centred Cov(log pi, A) is an exact per-state estimate; it is correlated with the same-batch entropy "
+        "change of that token.",
         "",
     ]
+    blocks = [w for w in BLOCKS if any(w in r.get("pearson_blocks", {}) for r in analysis["rows"])]
+    if blocks:
+        lines += [
+            "### Pearson(Cov, entropy drop) by time scale", "",
+            "Non-overlapping blocks of w steps: mean Cov over the block against the entropy drop across it "
+            "(next-batch / same-batch, as above). w = 1 is the raw per-step number the target refers to; every "
+            "w listed was computed and is shown (none picked). Fewer blocks = a noisier estimate.", "",
+            "| run | " + " | ".join(f"w={w}: next / same (blocks)" for w in blocks) + " |",
+            "|---|" + "---|" * len(blocks),
+        ]
+        for r in analysis["rows"]:
+            cells = []
+            for w in blocks:
+                v = r.get("pearson_blocks", {}).get(w)
+                cells.append("–" if v is None else f"{_fmt(v[0], 2)} / {_fmt(v[1], 2)} ({v[2]})")
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "fit" in analysis:
         f, fc = analysis["fit"], analysis["forecast"]
         g = next(r for r in analysis["rows"] if r["label"] == "grpo")
@@ -862,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = write_figures(result, analysis, cfg.out)
     write_report(result, analysis, cfg.out, command, figures)
     with open(os.path.join(cfg.out, "results.json"), "w") as fh:
-        json.dump({"result": result, "analysis": analysis}, fh, indent=1, default=float)
+        json.dump({"result": result, "analysis": analysis}, fh, default=float)
     for t in analysis["targets"]:
         print(f"[{'PASS' if t['pass'] else 'MISS'}] {t['target']}: {t['achieved']}")
     print(f"report: {os.path.join(cfg.out, 'report.md')} ({result['wall_s']:.0f} s)")
