@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -169,12 +170,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
     reps = 2 if args.quick else 5
+    load_before = os.getloadavg()[0]
     sync = bench_weight_sync(reps, [1 * 2**20, 4 * 2**20, 16 * 2**20])
     roll = bench_rollout(reps + 2, prompts_n=8, new_tokens=32 if args.quick else 64)
     lines = [
         "# covrl services benchmark",
         "",
-        f"Machine: {machine()}. Shared with other jobs while measured: treat as indicative.",
+        f"Machine: {machine()}. Shared with other jobs while measured (1-min load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on 2 cores): treat absolute numbers as "
+        "indicative; the ratios compare paths measured in the same run.",
         f"Command: `python benchmarks/bench_services.py{' --quick' if args.quick else ''}` (medians of {reps} weight pushes "
         f"per chunk size and {reps + 2} interleaved rollout pairs).",
         "",

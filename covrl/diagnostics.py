@@ -213,20 +213,20 @@ class EntropyController:
     Control law (per call of :meth:`update`, in log space because every knob is a positive
     scale spanning orders of magnitude):
 
-    * ``H_next = H + predicted_entropy_change(cov, eta)`` when a covariance is given and an
-      effective step size ``eta > 0`` is known (``step_size=``, or fitted online by
-      :func:`fit_step_size` on this controller's own history once ``min_fit_points`` pairs
-      exist); otherwise ``H_next = H``. This is the feed-forward part: a large positive
-      covariance says entropy is about to fall, so protect it before it does.
-    * ``e = log(H_next / target)``: positive when entropy is above target.
-    * integral: ``I <- clip(I - gain_i * e, log(lower), log(upper))`` (clipping is the anti-windup).
-    * proportional kick only outside the tolerance band (``|H_next / target - 1| > tolerance``),
-      so sampling noise inside the band does not make the knob chatter:
-      ``u = I - gain_p * e``.
-    * output ``knob = clip(exp(u), lower, upper)``.
+    * look-ahead: ``H_pred = H + horizon * predicted_entropy_change(cov, eta)`` when a covariance
+      is given and an effective step size ``eta > 0`` is known (``step_size=``, or fitted online
+      by :func:`fit_step_size` on this controller's own history of ``(cov_t, H_t+1 - H_t)`` once
+      ``min_fit_points`` pairs exist); otherwise ``H_pred = H``. This is the paper's mechanism
+      used as a derivative term: a large positive covariance says entropy is about to fall, so
+      protect it before it does (entropy responds to the knob with a lag: the knob sets the
+      *rate* of entropy change, not its level, and a plain PI loop on such a plant overshoots).
+    * ``e = log(H_pred / target)``: positive when entropy is (heading) above target.
+    * integral: ``I <- clip(I - gain_i * e, log(lower), log(upper))`` (the clip is the anti-windup).
+    * output: ``knob = clip(exp(I - gain_p * e), lower, upper)``.
 
     So entropy below target -> larger knob (stronger regularisation / more tokens selected),
-    above target -> smaller knob. :meth:`update` returns the loss keyword arguments to use for
+    above target -> smaller knob. ``tolerance`` is the band the caller wants entropy in
+    (recorded per step as ``in_band``). :meth:`update` returns the loss keyword arguments for
     the next step (``{"kl_coef": 2.3}``); :attr:`history` keeps one record per call for logging.
     """
 
@@ -240,8 +240,9 @@ class EntropyController:
         lower: float | None = None,
         upper: float | None = None,
         gain_p: float = 1.0,
-        gain_i: float = 0.3,
+        gain_i: float = 0.2,
         use_cov: bool = True,
+        horizon: float = 1.0,
         step_size: float | None = None,
         min_fit_points: int = 10,
     ):
@@ -261,7 +262,7 @@ class EntropyController:
             raise ValueError(f"upper must be <= 1 for the fraction knob {knob}, got {upper!r}")
         if not (lower <= init <= upper):
             raise ValueError(f"init must lie in [lower, upper] = [{lower}, {upper}], got {init!r}")
-        for name, g in (("gain_p", gain_p), ("gain_i", gain_i)):
+        for name, g in (("gain_p", gain_p), ("gain_i", gain_i), ("horizon", horizon)):
             if not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {g!r}")
         if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
@@ -276,6 +277,7 @@ class EntropyController:
         self.gain_p = float(gain_p)
         self.gain_i = float(gain_i)
         self.use_cov = bool(use_cov)
+        self.horizon = float(horizon)
         self.step_size = None if step_size is None else float(step_size)
         self.min_fit_points = int(min_fit_points)
         self._integral = math.log(init)
@@ -320,16 +322,13 @@ class EntropyController:
         eta = self._eta() if (self.use_cov and cov is not None) else None
         h_next = entropy
         if eta is not None:
-            h_next = entropy + predicted_entropy_change(float(cov), eta)
+            h_next = entropy + self.horizon * predicted_entropy_change(float(cov), eta)
         # Entropy can be driven to (or predicted below) zero: floor it so the log stays finite.
         floor = 1e-3 * self.target
         err = math.log(max(h_next, floor) / self.target)
         lo, hi = math.log(self.lower), math.log(self.upper)
         self._integral = min(max(self._integral - self.gain_i * err, lo), hi)
-        u = self._integral
-        if not self.in_band(h_next):
-            u -= self.gain_p * err
-        self.value = float(min(max(math.exp(u), self.lower), self.upper))
+        self.value = float(min(max(math.exp(self._integral - self.gain_p * err), self.lower), self.upper))
         self.history.append(
             {
                 "step": float(len(self.history)),
@@ -356,6 +355,7 @@ class EntropyController:
             "gain_p": self.gain_p,
             "gain_i": self.gain_i,
             "use_cov": self.use_cov,
+            "horizon": self.horizon,
             "step_size": self.step_size,
             "min_fit_points": self.min_fit_points,
             "integral": self._integral,
@@ -369,7 +369,7 @@ class EntropyController:
             raise KeyError(f"EntropyController state is missing {sorted(missing)}")
         if state["knob"] != self.knob:
             raise ValueError(f"state is for knob {state['knob']!r}, this controller turns {self.knob!r}")
-        for key in ("target", "tolerance", "lower", "upper", "gain_p", "gain_i", "use_cov",
+        for key in ("target", "tolerance", "lower", "upper", "gain_p", "gain_i", "use_cov", "horizon",
                     "step_size", "min_fit_points"):
             if key in state:
                 setattr(self, key, state[key])

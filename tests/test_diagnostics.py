@@ -149,16 +149,18 @@ def test_controller_direction_and_bounds_on_scripted_trace(knob):
     assert ctl.history[0]["in_band"] == 0.0
 
 
-def test_controller_inside_band_moves_gently_and_the_right_way():
-    ctl = EntropyController(target=1.0, tolerance=0.2, knob="kl_coef", init=1.0)
-    v_slightly_low = ctl.update(0.9)["kl_coef"]  # inside band: integral only
-    assert 1.0 < v_slightly_low < math.exp(0.3 * -math.log(0.9)) + 1e-9
-    ctl2 = EntropyController(target=1.0, tolerance=0.2, knob="kl_coef", init=1.0)
-    v_far_low = ctl2.update(0.5)["kl_coef"]  # outside band: integral + proportional
-    assert v_far_low > v_slightly_low
-    assert ctl.history[-1]["in_band"] == 1.0
+def test_controller_step_sizes_follow_the_error():
+    # One step from init=1 with error e = log(H / target): knob = exp(-(gain_i + gain_p) * e).
+    ctl = EntropyController(target=1.0, knob="kl_coef", init=1.0, gain_p=1.0, gain_i=0.2)
+    assert ctl.update(0.9)["kl_coef"] == pytest.approx(math.exp(-1.2 * math.log(0.9)))
+    ctl2 = EntropyController(target=1.0, knob="kl_coef", init=1.0, gain_p=1.0, gain_i=0.2)
+    assert ctl2.update(0.5)["kl_coef"] > ctl.value > 1.0  # further below target: stronger
+    assert ctl.history[-1]["in_band"] == 1.0 and ctl2.history[-1]["in_band"] == 0.0
     ctl3 = EntropyController(target=1.0, knob="kl_coef", init=1.0)
     assert ctl3.update(1.0)["kl_coef"] == pytest.approx(1.0)  # on target: no move
+    # The integral keeps pushing while the error persists (removes a steady offset).
+    vals = [ctl.update(0.9)["kl_coef"] for _ in range(5)]
+    assert all(b > a for a, b in zip(vals, vals[1:], strict=False))
 
 
 def test_controller_covariance_feed_forward():
@@ -166,6 +168,11 @@ def test_controller_covariance_feed_forward():
     a = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0)
     b = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0)
     assert a.update(1.0, cov=0.5)["kl_coef"] > b.update(1.0, cov=0.0)["kl_coef"]
+    assert a.history[-1]["predicted_entropy"] == pytest.approx(0.5)
+    # The look-ahead horizon scales the predicted change.
+    h = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=0.1, horizon=5)
+    h.update(1.0, cov=1.0)
+    assert h.history[-1]["predicted_entropy"] == pytest.approx(0.5)
     # Without a known step size, the feed-forward waits for enough history to fit one.
     c = EntropyController(target=1.0, knob="kl_coef", min_fit_points=3)
     for i in range(4):
@@ -200,6 +207,7 @@ def test_controller_state_dict_round_trip():
         ({"target": 1.0, "knob": "kl_cov_fraction", "upper": 2.0}, "upper"),
         ({"target": 1.0, "init": 1e3}, "init"),
         ({"target": 1.0, "gain_i": -1}, "gain_i"),
+        ({"target": 1.0, "horizon": float("nan")}, "horizon"),
     ],
 )
 def test_controller_rejects_bad_config(kwargs, match):

@@ -107,14 +107,15 @@ class Config:
     kl_coef: float = field(default=1.0, metadata={"help": "KL-Cov penalty weight"})
     # entropy control
     entropy_target: float = field(default=0.0, metadata={"help": "target entropy (nats); 0 = ratio x SFT entropy"})
-    entropy_target_ratio: float = field(default=0.5, metadata={"help": "target = ratio x SFT entropy"})
+    entropy_target_ratio: float = field(default=1 / 3, metadata={"help": "target = ratio x SFT entropy"})
     entropy_tolerance: float = field(default=0.2, metadata={"help": "controller band, fraction of target"})
     controller_knob: str = field(default="kl_coef", metadata={"help": "kl_coef | kl_cov_fraction"})
-    controller_lower: float = field(default=0.25, metadata={"help": "smallest knob value"})
-    controller_upper: float = field(default=8.0, metadata={"help": "largest knob value"})
-    controller_gain_p: float = field(default=1.0, metadata={"help": "proportional gain (log knob per log error)"})
+    controller_lower: float = field(default=1.0, metadata={"help": "smallest knob value"})
+    controller_upper: float = field(default=20.0, metadata={"help": "largest knob value"})
+    controller_gain_p: float = field(default=2.0, metadata={"help": "proportional gain (log knob per log error)"})
     controller_gain_i: float = field(default=0.2, metadata={"help": "integral gain (log knob per log error per step)"})
-    controller_warmup: int = field(default=0, metadata={"help": "steps excluded from the band check; 0 = 20%"})
+    controller_horizon: float = field(default=10.0, metadata={"help": "look-ahead steps of the -eta*Cov prediction"})
+    controller_warmup: int = field(default=0, metadata={"help": "steps excluded from the band check; 0 = steps/3"})
 
     def method_list(self) -> list[str]:
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -310,13 +311,15 @@ def run_method(cfg: Config, method: str, sft_state: dict, selection: str, target
     if method == "kl_cov_ctrl":
         ctl = EntropyController(target=target, tolerance=cfg.entropy_tolerance, knob=cfg.controller_knob,
                                 init=kw[cfg.controller_knob], lower=cfg.controller_lower, upper=cfg.controller_upper,
-                                gain_p=cfg.controller_gain_p, gain_i=cfg.controller_gain_i)
+                                gain_p=cfg.controller_gain_p, gain_i=cfg.controller_gain_i,
+                                horizon=cfg.controller_horizon)
     targets_all = torch.tensor(task.targets)
     n = cfg.prompts_per_step * cfg.group_size
     mb = n // cfg.minibatches
     ub = mb // cfg.micro_batches
     log: dict[str, list] = {k: [] for k in (
-        "reward", "entropy", "entropy_after", "cov", "clip_frac", "selected_frac", "approx_kl", "knob", "time_s")}
+        "reward", "entropy", "entropy_after", "cov", "clip_frac", "selected_frac", "approx_kl", "knob", "time_s",
+        "first_token_cov", "first_token_entropy", "first_token_entropy_after")}
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         # Same prompts and sampling stream for every method at a given step.
@@ -368,6 +371,14 @@ def run_method(cfg: Config, method: str, sft_state: dict, selection: str, target
         log["reward"].append(float(rewards.mean()))
         log["entropy"].append(h)
         log["entropy_after"].append(_masked_mean(ent_after, mask))
+        # The paper's lemma is per state. The first response token's state is the prompt, shared by
+        # the whole group, so its within-group covariance is an exact per-state estimate.
+        lp0 = old_lp[:, 0].view(-1, cfg.group_size).double()  # [P, G]
+        a0 = adv.view(-1, cfg.group_size).double()  # [P, G]
+        cov0 = ((lp0 - lp0.mean(1, keepdim=True)) * (a0 - a0.mean(1, keepdim=True))).mean()
+        log["first_token_cov"].append(float(cov0))
+        log["first_token_entropy"].append(float(ent[:, 0].mean()))
+        log["first_token_entropy_after"].append(float(ent_after[:, 0].mean()))
         log["cov"].append(float(m0["cov"]))
         log["clip_frac"].append(sum(clip_fracs) / len(clip_fracs))
         log["selected_frac"].append(sum(sel_fracs) / len(sel_fracs))
@@ -450,6 +461,7 @@ def run_all(cfg: Config) -> dict:
 # Analysis
 
 END_WINDOW = 10  # "final" reward / entropy = mean over the last END_WINDOW steps (also reported raw)
+BLOCKS = (1, 5, 10, 25)  # time scales (steps) of the Cov-vs-dH Pearson table; 1 = raw
 
 
 def _tail_mean(x: list[float]) -> float:
@@ -487,6 +499,19 @@ def analyse(result: dict) -> dict:
             # -(H_t+1 - H_t) = [update effect on batch t] + [resampling: same policy, new batch]:
             # H_t+1 - H_after_t is measured with one policy on two batches, so it is pure sampling noise.
             resample = [b - a for a, b in zip(ha[:-1], h[1:], strict=True)]
+            # The same Pearson on non-overlapping blocks of w steps (mean Cov over the block against the
+            # entropy drop over it): every w in BLOCKS is reported, w = 1 being the raw per-step number.
+            row["pearson_blocks"] = {}
+            for w in BLOCKS:
+                nb = (len(h) - 1) // w
+                if nb < 3:
+                    continue
+                cb = [sum(c[i * w:(i + 1) * w]) / w for i in range(nb)]
+                dn = [-(h[(i + 1) * w] - h[i * w]) for i in range(nb)]
+                ds = [-sum(ha[j] - h[j] for j in range(i * w, (i + 1) * w)) for i in range(nb)]
+                row["pearson_blocks"][w] = (pearson(cb, dn), pearson(cb, ds), nb)
+            h0, h0a = L["first_token_entropy"], L["first_token_entropy_after"]
+            row["pearson_first_token"] = pearson(L["first_token_cov"], [-(b - a) for a, b in zip(h0, h0a, strict=True)])
             row["sd_update"] = statistics.pstdev(d_same)
             row["sd_resample"] = statistics.pstdev(resample)
             try:
@@ -495,7 +520,7 @@ def analyse(result: dict) -> dict:
                 row["eta_same"] = nan
         else:
             row["pearson_next"] = row["pearson_same"] = row["eta_same"] = nan
-            row["sd_update"] = row["sd_resample"] = nan
+            row["sd_update"] = row["sd_resample"] = row["pearson_first_token"] = nan
         rows.append(row)
     by = {row["label"]: row for row in rows}
     out: dict = {"rows": rows, "targets": []}
@@ -509,19 +534,22 @@ def analyse(result: dict) -> dict:
             out["fit"] = fit.to_dict()
             out["forecast"] = early.to_dict()
             out["forecast"]["at_final_entropy"] = early.predict(_tail_mean(h))
-            # Explanatory only (a window chosen after seeing the data): the fit up to the peak of
-            # the reward's moving mean, i.e. before any late reward collapse.
-            ma = _moving_average(r, END_WINDOW)
-            peak = max(range(len(ma)), key=ma.__getitem__)
-            if peak + 1 >= 3:
-                pre = fit_reward_entropy(h[:peak + 1], r[:peak + 1]).to_dict()
-                out["fit_to_peak"] = {**pre, "peak_step": peak, "peak_reward_ma": ma[peak]}
+            # Where does the law hold? R² of the fit on growing prefixes of the run (no chosen window).
+            out["fit_by_prefix"] = []
+            for frac in (0.2, 0.4, 0.6, 0.8, 1.0):
+                n = max(3, int(round(frac * len(h))))
+                try:
+                    f = fit_reward_entropy(h[:n], r[:n])
+                except ValueError:
+                    continue
+                out["fit_by_prefix"].append({"fraction": frac, "n": n, "r2": f.r2, "ceiling": f.ceiling,
+                                             "reward_ma_at_end": _moving_average(r[:n], END_WINDOW)[-1]})
         except ValueError as exc:  # too few steps / constant entropy: say so in the report
             out["fit_error"] = str(exc)
     ctl_run = next((r for r in result["runs"] if r["method"] == "kl_cov_ctrl"), None)
     if ctl_run is not None:
         h = ctl_run["log"]["entropy"]
-        warm = cfg["controller_warmup"] or max(1, int(0.2 * len(h)))
+        warm = cfg["controller_warmup"] or max(1, len(h) // 3)
         warm = min(warm, len(h) - 1)
         tgt, tol = result["entropy_target"], cfg["entropy_tolerance"]
         inside = [abs(x / tgt - 1) <= tol for x in h[warm:]]
@@ -547,7 +575,8 @@ def _targets(out: dict, by: dict, result: dict) -> list[dict]:
     for m in ("clip_cov", "kl_cov"):
         if g and m in by:
             ratio = by[m]["h_end"] / max(g["h_end"], 1e-12)
-            add(f"{m} entropy >= 10x GRPO's at the end", f"{ratio:.1f}x", ratio >= 10)
+            add(f"{m} entropy >= 10x GRPO's at the end", f"{ratio:.1f}x (a run that kept its starting entropy: "
+                f"{by[m]['h_start'] / max(g['h_end'], 1e-12):.1f}x)", ratio >= 10)
             add(f"{m} reward not worse than GRPO (end)", f"{by[m]['r_end']:.3f} vs {g['r_end']:.3f}",
                 by[m]["r_end"] >= g["r_end"])
     for row in out["rows"]:
@@ -712,9 +741,9 @@ def summary_rows(analysis: dict) -> list[str]:
     """The summary table as markdown lines (header, rule, one row per run)."""
     lines = [
         "| run | H start | H end | H0/H_end | H_end / GRPO's | R start | R end | R max | "
-        "Pearson next-batch | Pearson same-batch | sd(update dH) | sd(resampling) | eta (same-batch fit) | "
-        "clip frac | selected frac | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Pearson next-batch | Pearson same-batch | Pearson first token, per state | sd(update dH) | sd(resampling) | "
+        "eta (same-batch fit) | clip frac | selected frac | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     g = next((r for r in analysis["rows"] if r["label"] == "grpo"), None)
     for r in analysis["rows"]:
@@ -722,14 +751,13 @@ def summary_rows(analysis: dict) -> list[str]:
         lines.append(
             f"| {r['label']} | {_fmt(r['h_start'])} | {_fmt(r['h_end'])} | {_fmt(r['collapse'], 1)} | {_fmt(rel, 1)} | "
             f"{_fmt(r['r_start'])} | {_fmt(r['r_end'])} | {_fmt(r['r_max'])} | {_fmt(r['pearson_next'], 2)} | "
-            f"{_fmt(r['pearson_same'], 2)} | {_fmt(r['sd_update'], 4)} | {_fmt(r['sd_resample'], 4)} | {_fmt(r['eta_same'], 3)} | {_fmt(r['clip_frac'], 4)} | "
+            f"{_fmt(r['pearson_same'], 2)} | {_fmt(r['pearson_first_token'], 2)} | {_fmt(r['sd_update'], 4)} | {_fmt(r['sd_resample'], 4)} | {_fmt(r['eta_same'], 3)} | {_fmt(r['clip_frac'], 4)} | "
             f"{_fmt(r['selected_frac'], 4)} | {_fmt(r['wall_s'], 0)} |"
         )
     return lines
 
 
-def write_report(result: dict, analysis: dict, out_dir: str, command: str, figures: list[str],
-                 notes: str = "") -> str:
+def write_report(result: dict, analysis: dict, out_dir: str, command: str, figures: list[str]) -> str:
     cfg = result["config"]
     lines = [
         "# Entropy study: GRPO vs Clip-Higher vs Clip-Cov vs KL-Cov, and entropy control",
@@ -756,14 +784,15 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
         f"- Methods: GRPO (`ppo`, clip 0.2/0.2), Clip-Higher (`ppo`, 0.2/0.28), Clip-Cov (`clip_cov`, fraction "
         f"{cfg['clip_cov_fraction']}, bounds [{cfg['clip_cov_lb']}, {cfg['clip_cov_ub']}]), KL-Cov (`kl_cov`, "
         f"fraction {cfg['kl_cov_fraction']}, kl_coef {cfg['kl_coef']}), KL-Cov + `EntropyController` "
-        f"(knob `{cfg['controller_knob']}`, target {result['entropy_target']:.3f} nats, ±{cfg['entropy_tolerance']:.0%}).",
+        f"(knob `{cfg['controller_knob']}` in [{cfg['controller_lower']}, {cfg['controller_upper']}], gains "
+        f"p={cfg['controller_gain_p']} i={cfg['controller_gain_i']}, look-ahead {cfg['controller_horizon']} steps; "
+        f"target {result['entropy_target']:.3f} nats = {cfg['entropy_target_ratio']:.3g} x the SFT entropy, "
+        f"±{cfg['entropy_tolerance']:.0%}).",
         f"- Same seed ({cfg['seed']}), same prompts per step, same sampling stream, same budget for every run.",
         f"- \"End\" values are the mean over the last {END_WINDOW} steps (raw last-step values are in "
         "`results.json`); no other smoothing enters any number.",
         "",
     ]
-    if notes:
-        lines += [notes.strip(), ""]
     lines += ["## Targets", "", "| target | achieved | pass |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['achieved']} | {'yes' if t['pass'] else '**no**'} |" for t in analysis["targets"]]
     lines += ["", "## Summary", ""] + summary_rows(analysis) + [""]
@@ -773,9 +802,29 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
         "the step-t batch after the update minus before it (no resampling noise). The next-batch entropy drop "
         "splits exactly into the update's effect on batch t (sd in column sd(update dH)) plus "
         "H_t+1 - H_after,t, the same policy measured on two different sampled batches, i.e. pure sampling "
-        "noise (column sd(resampling)).",
+        "noise (column sd(resampling)). Pearson first token, per state: the paper's lemma is about one state; "
+        "the first response token's state is the prompt, shared by the whole group, so there the group's own "
+        "centred Cov(log pi, A) is an exact per-state estimate; it is correlated with the same-batch entropy "
+        "change of that token.",
         "",
     ]
+    blocks = [w for w in BLOCKS if any(w in r.get("pearson_blocks", {}) for r in analysis["rows"])]
+    if blocks:
+        lines += [
+            "### Pearson(Cov, entropy drop) by time scale", "",
+            "Non-overlapping blocks of w steps: mean Cov over the block against the entropy drop across it "
+            "(next-batch / same-batch, as above). w = 1 is the raw per-step number the target refers to; every "
+            "w listed was computed and is shown (none picked). Fewer blocks = a noisier estimate.", "",
+            "| run | " + " | ".join(f"w={w}: next / same (blocks)" for w in blocks) + " |",
+            "|---|" + "---|" * len(blocks),
+        ]
+        for r in analysis["rows"]:
+            cells = []
+            for w in blocks:
+                v = r.get("pearson_blocks", {}).get(w)
+                cells.append("–" if v is None else f"{_fmt(v[0], 2)} / {_fmt(v[1], 2)} ({v[2]})")
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "fit" in analysis:
         f, fc = analysis["fit"], analysis["forecast"]
         g = next(r for r in analysis["rows"] if r["label"] == "grpo")
@@ -787,13 +836,12 @@ def write_report(result: dict, analysis: dict, out_dir: str, command: str, figur
             f"({g['h_end']:.3f}) = {fc['at_final_entropy']:.3f}.",
             f"- Final reward (mean of last {END_WINDOW} steps): {g['r_end']:.3f} (last step {g['r_last']:.3f}).",
         ]
-        if "fit_to_peak" in analysis:
-            p = analysis["fit_to_peak"]
-            lines.append(
-                f"- Explanatory only (window picked after seeing the run, not a target number): fitted on steps "
-                f"0-{p['peak_step']} (up to the peak of the reward's {END_WINDOW}-step moving mean, "
-                f"{p['peak_reward_ma']:.3f}): a = {p['a']:.4f}, b = {p['b']:.4f}, R² = {p['r2']:.3f}, "
-                f"ceiling = {p['ceiling']:.3f}.")
+        if analysis.get("fit_by_prefix"):
+            lines += ["", "Fit on growing prefixes of the run (where the law stops holding):", "",
+                      f"| first | steps | R² | ceiling -a+b | reward ({END_WINDOW}-step mean) at the prefix end |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {p['fraction']:.0%} | {p['n']} | {p['r2']:.3f} | {p['ceiling']:.3f} | "
+                      f"{p['reward_ma_at_end']:.3f} |" for p in analysis["fit_by_prefix"]]
         lines.append("")
     elif "fit_error" in analysis:
         lines += ["## R-H fit (GRPO)", "", f"Not fitted: {analysis['fit_error']}", ""]
@@ -836,7 +884,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    p.add_argument("--notes", default="", help="markdown file whose text goes into the report (discussion)")
     return p
 
 
@@ -845,7 +892,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = build_parser().parse_args(argv)
-    notes_path = args.notes
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     try:
         cfg.validate()
@@ -857,10 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_all(cfg)
     analysis = analyse(result)
     figures = write_figures(result, analysis, cfg.out)
-    notes = open(notes_path).read() if notes_path else ""
-    write_report(result, analysis, cfg.out, command, figures, notes)
+    write_report(result, analysis, cfg.out, command, figures)
     with open(os.path.join(cfg.out, "results.json"), "w") as fh:
-        json.dump({"result": result, "analysis": analysis}, fh, indent=1, default=float)
+        json.dump({"result": result, "analysis": analysis}, fh, default=float)
     for t in analysis["targets"]:
         print(f"[{'PASS' if t['pass'] else 'MISS'}] {t['target']}: {t['achieved']}")
     print(f"report: {os.path.join(cfg.out, 'report.md')} ({result['wall_s']:.0f} s)")

@@ -213,7 +213,12 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @unary
     def Generate(self, request, context):
         prompts, prompt_ids, params = parse_generate_request(request, self.engine, self.limits)
-        results = sorted(self.engine.generate_iter(prompts, params), key=lambda r: r.prompt_index)
+        results = []
+        for r in self.engine.generate_iter(prompts, params):
+            if not context.is_active():  # caller gone (deadline, cancel): stop sampling for nobody
+                return rollout_pb2.GenerateResponse()
+            results.append(r)
+        results.sort(key=lambda r: r.prompt_index)
         return rollout_pb2.GenerateResponse(results=[result_to_proto(r, prompt_ids[r.prompt_index]) for r in results])
 
     @server_stream

@@ -20,7 +20,7 @@ import torch
 from covrl._proto.v1 import rollout_pb2
 from covrl.services.common import InvalidArgument, ResourceExhausted
 
-DEFAULT_CHUNK_BYTES = 4 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20  # fewer, larger messages: measured fastest; fits the 64 MiB limit
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

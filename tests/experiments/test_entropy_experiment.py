@@ -65,15 +65,19 @@ def test_short_experiment_writes_every_artefact(tmp_path):
     res = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in res["analysis"]["rows"]]
     assert {"grpo", "clip_higher", "clip_cov", "kl_cov", "kl_cov_ctrl"} <= set(labels)
+    summary = report.split("## Summary\n\n")[1].split("\n\n")[0]  # the summary table
     for label in labels:  # one summary-table row per run
-        assert sum(line.startswith(f"| {label} |") for line in report.splitlines()) == 1
+        assert sum(line.startswith(f"| {label} |") for line in summary.splitlines()) == 1
     for section in ("## Targets", "## Summary", "## R-H fit (GRPO)", "Command: `covrl experiment entropy"):
         assert section in report
-    assert "Pearson" in report and "ceiling" in report
+    assert "Pearson" in report and "ceiling" in report and "by time scale" in report
     ctl = next(r for r in res["result"]["runs"] if r["method"] == "kl_cov_ctrl")
     assert len(ctl["log"]["knob"]) == 4 and all(v is not None for v in ctl["log"]["knob"])  # logged every step
     assert len(ctl["controller"]["history"]) == 4
     assert res["analysis"]["fit"]["n"] == 4
+    if res["result"]["global_selection_supported"]:
+        assert {"clip_cov (global sel.)", "kl_cov (global sel.)"} <= set(labels)
+        assert "| kl_cov | global |" in report
 
 
 def test_bad_config_is_a_clear_error(capsys):
