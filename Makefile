@@ -29,6 +29,17 @@ bench: install
 lint: install
 	$(VPY) -m ruff check covrl tests benchmarks
 
+# The main job: fetch SmolLM2-135M-Instruct once (cached), start the rollout, reward and
+# learner services as separate processes on loopback, run GRPO + KL-Cov on the arithmetic
+# task, write runs/demo/ (metrics, plots, final checkpoint), print a summary, then
+# evaluate the final checkpoint on the held-out split. DEMO_ARGS adds config overrides.
+DEMO_ARGS ?=
+demo: install
+	$(VPY) -m covrl.cli demo-model
+	rm -rf runs/demo
+	$(VPY) -m covrl.cli train --config configs/demo.yaml $(DEMO_ARGS)
+	$(VPY) -m covrl.cli eval --checkpoint runs/demo
+
 # Compile-check every CUDA source against torch's headers (works with the CPU
 # torch wheel, which ships the ATen/c10 CUDA headers; links only on a GPU host).
 compile-cuda: install
