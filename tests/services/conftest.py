@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from svc_fakes import FakeVerifier
 
 from covrl.engines.transformers_engine import TransformersEngine
 from covrl.models import char_tokenizer, tiny_causal_lm
@@ -13,32 +14,6 @@ from covrl.services.rollout import RolloutServicer, rollout_binding
 
 # Tiny models: one thread is fastest and fair to the other processes on a small CI box.
 torch.set_num_threads(1)
-
-
-class FakeVerifier:
-    """The covrl.rewards.Verifier contract: .version, .score(items) -> results, .close()."""
-
-    version = "fake/1"
-
-    def __init__(self):
-        self.closed = False
-        self.calls = 0
-
-    def score(self, items):
-        from types import SimpleNamespace
-
-        self.calls += 1
-        out = []
-        for it in items:
-            if it.task not in ("exact",):
-                out.append(SimpleNamespace(reward=0.0, status="unknown_task", detail=f"no task {it.task}", cached=False))
-            else:
-                ok = it.completion.strip() == it.ground_truth
-                out.append(SimpleNamespace(reward=float(ok), status="ok", detail=repr(it.metadata), cached=False))
-        return out
-
-    def close(self):
-        self.closed = True
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import FakeVerifier
+from svc_fakes import FakeVerifier
 
 from covrl._proto.v1 import learner_pb2, learner_pb2_grpc
 from covrl.client import ClientError, LearnerClient, RewardClient, ScoreItem, Trajectory

@@ -9,8 +9,8 @@ import sys
 
 import grpc
 import pytest
-from conftest import FakeVerifier
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from svc_fakes import FakeVerifier
 
 from covrl.client import ClientError, RewardClient, ScoreItem
 from covrl.services.common import (

@@ -62,7 +62,7 @@ def test_bad_metadata_json(reward_server):
 
 
 def test_too_many_items_is_resource_exhausted():
-    from conftest import FakeVerifier
+    from svc_fakes import FakeVerifier
 
     from covrl.services.reward import RewardLimits
 
@@ -76,7 +76,7 @@ def test_too_many_items_is_resource_exhausted():
 
 
 def test_stop_closes_the_verifier():
-    from conftest import FakeVerifier
+    from svc_fakes import FakeVerifier
 
     v = FakeVerifier()
     start_server([reward_binding(RewardServicer(v))]).stop(0)

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import in_process_services, tiny_cfg
+from trainer_helpers import in_process_services, tiny_cfg
 
 from covrl.logging_utils import read_jsonl, read_metrics
 from covrl.trainer import Trainer, free_port
