@@ -201,7 +201,8 @@ KNOBS = ("kl_coef", "kl_cov_fraction", "clip_cov_fraction")
 # init, lower, upper per knob. All three act the same way: larger = stronger entropy protection
 # (a larger KL weight on the selected tokens, or more tokens selected).
 _KNOB_DEFAULTS = {
-    "kl_coef": (1.0, 1e-2, 1e2),
+    # kl_coef above ~20-30 destabilised learning in docs/entropy_study.md's runs.
+    "kl_coef": (1.0, 1e-1, 20.0),
     "kl_cov_fraction": (2e-3, 2e-4, 5e-2),
     "clip_cov_fraction": (2e-3, 2e-4, 5e-2),
 }
@@ -225,7 +226,9 @@ class EntropyController:
     * output: ``knob = clip(exp(I - gain_p * e), lower, upper)``.
 
     So entropy below target -> larger knob (stronger regularisation / more tokens selected),
-    above target -> smaller knob. ``tolerance`` is the band the caller wants entropy in
+    above target -> smaller knob. The defaults (``gain_p=2``, ``gain_i=0.2``, ``horizon=10``,
+    ``kl_coef`` in [0.1, 20]) are the ones that held entropy in ``covrl experiment entropy``
+    (docs/entropy_study.md). ``tolerance`` is the band the caller wants entropy in
     (recorded per step as ``in_band``). :meth:`update` returns the loss keyword arguments for
     the next step (``{"kl_coef": 2.3}``); :attr:`history` keeps one record per call for logging.
     """
@@ -239,10 +242,10 @@ class EntropyController:
         init: float | None = None,
         lower: float | None = None,
         upper: float | None = None,
-        gain_p: float = 1.0,
+        gain_p: float = 2.0,
         gain_i: float = 0.2,
         use_cov: bool = True,
-        horizon: float = 1.0,
+        horizon: float = 10.0,
         step_size: float | None = None,
         min_fit_points: int = 10,
     ):

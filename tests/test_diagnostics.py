@@ -165,8 +165,8 @@ def test_controller_step_sizes_follow_the_error():
 
 def test_controller_covariance_feed_forward():
     # Same entropy (on target), but a large positive covariance predicts a drop: protect now.
-    a = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0)
-    b = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0)
+    a = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0, horizon=1)
+    b = EntropyController(target=1.0, knob="kl_coef", init=1.0, step_size=1.0, horizon=1)
     assert a.update(1.0, cov=0.5)["kl_coef"] > b.update(1.0, cov=0.0)["kl_coef"]
     assert a.history[-1]["predicted_entropy"] == pytest.approx(0.5)
     # The look-ahead horizon scales the predicted change.
@@ -174,7 +174,7 @@ def test_controller_covariance_feed_forward():
     h.update(1.0, cov=1.0)
     assert h.history[-1]["predicted_entropy"] == pytest.approx(0.5)
     # Without a known step size, the feed-forward waits for enough history to fit one.
-    c = EntropyController(target=1.0, knob="kl_coef", min_fit_points=3)
+    c = EntropyController(target=1.0, knob="kl_coef", min_fit_points=3, horizon=1)
     for i in range(4):
         c.update(1.0 - 0.1 * i, cov=1.0)  # dH = -0.1 per unit cov -> eta = 0.1
     assert c.history[-1]["step_size"] is None  # 3 entries = 2 pairs: not enough yet

@@ -10,7 +10,7 @@ Mechanism of RL for Reasoning LMs") and tests an entropy controller on top:
 5. (beyond the paper) KL-Cov + :class:`covrl.diagnostics.EntropyController` holds entropy at a
    chosen target.
 
-Setup (why it is built this way is argued in the written report):
+Setup (why it is built this way, and what came out, is in docs/entropy_study.md):
 
 * **Task** ``digit-sum``: the prompt is a number ``N``; a correct response is ``K`` digits 1–9
   that sum to ``N``, then EOS. Verifiable (reward 1 / 0) and deliberately diverse: most ``N``
@@ -20,11 +20,19 @@ Setup (why it is built this way is argued in the written report):
 * **SFT warm-up**: cross-entropy on uniformly random valid answers, for a short budget, so
   the starting policy has high entropy and makes mistakes (the last digit needs arithmetic).
 * **RL**: per step, ``prompts_per_step`` prompts × ``group_size`` samples at temperature 1;
-  GRPO group-normalised advantages (``covrl.advantages`` when present); the rollout batch is
+  GRPO group-normalised advantages (``covrl.advantages``, estimator ``grpo``); the rollout batch is
   split into ``minibatches`` optimiser steps (so later ones are off-policy and PPO clipping /
   the KL-Cov penalty act), each accumulated over ``micro_batches``. Every loss is
   :func:`covrl.policy_loss` (token-mean): ``ppo`` for GRPO and Clip-Higher, ``clip_cov``,
   ``kl_cov``. Same seed, same prompts per step and same budget for every method.
+* **Selection scope**: ``micro`` (each ``policy_loss`` call selects within its micro-batch, as
+  verl does) or ``global`` (``covrl.compute_selection`` once per mini-batch, sliced per
+  micro-batch with ``.rows``); the other scope is also run for Clip-Cov and KL-Cov.
+
+Deviations from the paper's recipe, on purpose: the selection fractions are 100x the paper's
+2e-4 (a mini-batch here has ~500 response tokens, where 2e-4 rounds to one token); no KL to a
+reference policy and no entropy bonus (as in the paper's runs); a toy task and model instead of
+Qwen2.5 on math.
 
 Per step we log: reward, exact token-mean entropy over the response tokens (from the logits,
 :func:`covrl.logprob_entropy`) of the batch before the update and of the same batch after it,
