@@ -160,7 +160,7 @@ class ServicesConfig:
     connect_timeout_s: float = _f(600.0, "how long to wait for a service to come up, seconds "
                                   "(retries with backoff and says why)", gt=0.0)
     start_timeout_s: float = _f(300.0, "how long a locally started service may take to start", gt=0.0)
-    threads: int = _f(0, "torch threads per local service process (0: torch's default)", ge=0)
+    threads: int = _f(0, "torch threads per local service process (0: torch's default, or half the cores each when max_staleness > 0)", ge=0)
     local_device: str = _f("auto", "device of locally started rollout/learner services: 'auto' (cuda "
                            "when available) or 'cpu'", choices=("auto", "cpu"))
 

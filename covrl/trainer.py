@@ -169,9 +169,14 @@ class LocalServices:
         os.makedirs(self.dir, exist_ok=True)
         host = self.cfg.services.host
         env = dict(os.environ)
-        if self.cfg.services.threads:
-            env["OMP_NUM_THREADS"] = str(self.cfg.services.threads)
-            env["COVRL_TORCH_THREADS"] = str(self.cfg.services.threads)
+        threads = self.cfg.services.threads
+        if not threads and self.cfg.algo.max_staleness > 0:
+            # Generation and training overlap: two processes with torch's default thread
+            # count each oversubscribe the cores, and OpenMP then runs ~5x slower (measured
+            # in benchmarks/results/demo_step_cpu.md). Split the cores between them.
+            threads = max(1, (os.cpu_count() or 2) // 2)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         for name in self.names:
             cfg_path = os.path.join(self.dir, f"{name}.yaml")
             with open(cfg_path, "w") as f:

@@ -59,16 +59,32 @@ def test_bad_rows_skipped_and_counted(tmp_path):
     assert ":2" in ds.skipped_reasons[0]
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     p = tmp_path / "d.parquet"
     p.write_bytes(b"PAR1")
     with pytest.raises(DataError, match="needs pyarrow"):
         load_file(str(p), DataConfig(task="file", train_path=str(p)), "math")
+
+
+def test_parquet_in_verl_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 2+2?"}], "reward_model": {"ground_truth": "4"},
+         "data_source": "arithmetic"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7*6?"}],
+         "reward_model": {"ground_truth": "42"}, "data_source": "arithmetic"},
+    ]
+    path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ex, skipped, _ = load_file(path, DataConfig(task="file", train_path=path), "math")
+    assert skipped == 0 and [e.ground_truth for e in ex] == ["4", "42"]
+    assert ex[1].messages()[0] == {"role": "system", "content": "Be brief."}
+    assert all(e.task == "arithmetic" for e in ex)
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "countdown"])
