@@ -376,6 +376,7 @@ class LearnerCore:
             dist.broadcast_object_list(box, src=0)
             name, payload = box
             if name == "stop":
+                dist.barrier()  # pairs with stop_workers: nobody tears the group down mid-message
                 return
             if name == "train":
                 self._train(*payload)
@@ -392,7 +393,12 @@ class LearnerCore:
                 raise RuntimeError(f"unknown learner worker command {name!r}")
 
     def stop_workers(self) -> None:
+        """Rank 0: release the worker ranks; returns once every rank has received the stop."""
         self._command("stop")
+        if self.world_size > 1 and self.rank == 0:
+            # Without this barrier rank 0 could destroy its process group while a worker is
+            # still reading the broadcast; gloo then aborts the worker (seen in CI).
+            dist.barrier()
 
     # ------------------------------------------------------------------ submit
     def submit(self, trajectories) -> int:
