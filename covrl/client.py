@@ -518,12 +518,18 @@ class LearnerClient(_Client):
 
     def train(
         self, *, recompute_old_logprobs: bool = False, max_trajectories: int = 0, skip_push: bool = False,
-        timeout_s: float | None = None,
+        loss_overrides: dict[str, float] | None = None, timeout_s: float | None = None,
     ) -> TrainResult:
-        """One optimisation step over the buffered trajectories."""
+        """One optimisation step over the buffered trajectories.
+
+        ``loss_overrides`` (e.g. ``{"kl_coef": 2.0}``) replace loss settings for this step only;
+        the learner accepts the names in ``covrl.learner.OVERRIDABLE`` and validates the values.
+        """
         req = learner_pb2.TrainRequest(
             recompute_old_logprobs=recompute_old_logprobs, max_trajectories=max_trajectories, skip_push=skip_push
         )
+        for k, v in (loss_overrides or {}).items():
+            req.loss_overrides[k] = float(v)
         resp = self._call("Train", self.stub.Train, req, timeout_s)
         return _from_proto(TrainResult, resp, pushes=[_push_from_proto(p) for p in resp.pushes])
 

@@ -609,26 +609,11 @@ class Trainer:
                                f"rollout.max_new_tokens and the rollout service's log")
         self.ch.learner.submit_rollouts(trajs, timeout_s=120)
         recompute = bool(self.cfg.learner.recompute_old_logprobs or self.cfg.algo.max_staleness > 0)
-        if self._loss_overrides:
-            resp = self._train_with_overrides(recompute, push)
-        else:
-            resp = self.ch.learner.train(recompute_old_logprobs=recompute, skip_push=not push,
-                                         timeout_s=self.cfg.learner.timeout_s)
+        resp = self.ch.learner.train(recompute_old_logprobs=recompute, skip_push=not push,
+                                     loss_overrides=self._loss_overrides or None,
+                                     timeout_s=self.cfg.learner.timeout_s)
         self.learner_version = int(resp.weight_version)
         return resp
-
-    def _train_with_overrides(self, recompute: bool, push: bool):
-        """Train with the controller's loss kwargs (``TrainRequest.loss_overrides``; LearnerClient.train
-        has no such argument yet, so the request is built here)."""
-        from covrl._proto.v1 import learner_pb2
-        from covrl.client import PushResult, TrainResult, _from_proto
-
-        req = learner_pb2.TrainRequest(recompute_old_logprobs=recompute, skip_push=not push)
-        for k, v in self._loss_overrides.items():
-            req.loss_overrides[k] = float(v)
-        lc = self.ch.learner
-        resp = lc._call("Train", lc.stub.Train, req, self.cfg.learner.timeout_s)
-        return _from_proto(TrainResult, resp, pushes=[_from_proto(PushResult, p) for p in resp.pushes])
 
     def push_weights(self) -> None:
         """Copy the learner's weights into every rollout server (pipelined mode)."""
