@@ -9,8 +9,22 @@ allocation torch makes (tracemalloc would see none of them).
         [--out benchmarks/results/logprob_entropy_cpu.md]
 
 CUDA (``--device cuda``): 4 x 4096 x 151936 bf16, CUDA-event timing, extra memory from
-torch.cuda.max_memory_allocated; adds covrl.fused_policy_loss and, when ``liger_kernel``
-imports, Liger-Kernel's ``triton_grpo_loss`` in the same run.
+torch.cuda.max_memory_allocated; adds covrl.fused_policy_loss (kl_cov, and ppo: the
+like-for-like match for Liger) and, when ``liger_kernel`` imports, Liger-Kernel's
+``triton_grpo_loss`` in the same run. ``--variants`` picks a subset; a variant that runs out of
+GPU memory is reported as such and the others still run.
+
+Liger's ``triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages,
+completion_mask, temperature=0.9, beta=0.04, eps_low=0.2, eps_high=0.4, inplace=True,
+loss_type="dapo", ..., reduce=False)`` is timed as the plain clipped PPO/GRPO loss with no
+reference-model KL: ref_logp=None, beta=0 (no KL term, no ref_logp read), temperature=1.0 (its
+default 0.9 would rescale the logits), eps_low=eps_high=0.2 (covrl's clip), token-level
+importance ratio, ``reduce=True, loss_type="bnpo"`` (token-mean over the mask, the loss reduced
+inside its autograd Function). That is covrl ``mode="ppo"``, ``agg="token-mean"``: same loss and
+same gradient (checked with TRITON_INTERPRET=1 on a small case). It reads logits [B, T + 1, V]
+(position T dropped, its gradient zeroed) and with ``inplace=True`` writes d loss / d logits
+into the logits, like covrl's ``inplace_grad=True``. Liger computes no entropy; covrl's
+fused_policy_loss also returns the token-mean entropy.
 
 Every variant computes the same thing: forward, then the gradient of
 ``sum(g1 * log_prob) + sum(g2 * entropy)`` with respect to the logits (one logits-sized
@@ -31,10 +45,19 @@ import time
 import torch
 
 VARIANTS_CPU = ("eager", "covrl", "covrl_inplace")
-VARIANTS_CUDA = ("eager", "covrl", "covrl_inplace", "fused_policy_loss", "liger_triton_grpo_loss")
+VARIANTS_CUDA = ("eager", "covrl", "covrl_inplace", "fused_policy_loss", "fused_policy_loss_ppo",
+                 "liger_triton_grpo_loss")
 
 
 def make_inputs(rows, vocab, dtype, device, seed=0):
+    if str(device).startswith("cuda"):
+        # Generated on the GPU: 4 x 4096 x 151936 normals on one CPU core take tens of seconds.
+        g = torch.Generator(device=device).manual_seed(seed)
+        logits = torch.randn(rows, vocab, generator=g, dtype=dtype, device=device).mul_(2.0)
+        labels = torch.randint(0, vocab, (rows,), generator=g, device=device)
+        g1 = torch.randn(rows, generator=g, device=device)
+        g2 = torch.randn(rows, generator=g, device=device)
+        return logits, labels, g1, g2
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g, dtype=torch.float32).mul_(2.0).to(dtype).to(device)
     labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
@@ -174,79 +197,121 @@ def write_cpu_markdown(path, args, results):
 
 
 def run_cuda(args):
+    import traceback
+
     import covrl
 
     B, T, V = args.batch, args.seq, args.vocab
     dtype = torch.bfloat16
     results = []
-    for variant in VARIANTS_CUDA:
-        torch.cuda.empty_cache()
-        logits, labels, g1, g2 = make_inputs(B * T, V, dtype, "cuda")
-        logits = logits.view(B, T, V)
-        labels = labels.view(B, T)
-        old = torch.randn(B, T, device="cuda") - 10
-        adv = torch.randn(B, device="cuda")
-        mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
-
-        if variant == "liger_triton_grpo_loss":
-            try:
-                from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-            except ImportError as exc:
-                print(f"{variant:>24}: skipped ({exc})")
-                results.append({"variant": variant, "skipped": str(exc)})
-                continue
-            # Liger reads logits [B, T + 1, V] (the last position is dropped).
-            logits = torch.cat([logits, logits[:, :1]], dim=1)
-
-        def fn(variant=variant, logits=logits, labels=labels, old=old, adv=adv, mask=mask, g1=g1, g2=g2):
-            if variant in ("eager", "covrl", "covrl_inplace"):
-                return step(variant, logits.view(B * T, V), labels.view(-1), g1, g2)
-            x = logits.detach().requires_grad_(True)
-            if variant == "fused_policy_loss":
-                loss, _ = covrl.fused_policy_loss(x, labels, old, adv, mask, mode="kl_cov", inplace_grad=True)
-            else:
-                out = triton_grpo_loss(x, old, None, labels, adv, mask, temperature=1.0, beta=0.0,
-                                       eps_low=0.2, eps_high=0.2, inplace=True)
-                # Newer Liger returns the reduced loss first, older versions the per-token loss.
-                first = out[0] if isinstance(out, (tuple, list)) else out
-                loss = first if first.dim() == 0 else (first * mask).sum() / mask.sum()
-            return torch.autograd.grad(loss, x)[0]
-
-        fresh = logits.clone()  # in-place variants clobber the logits: restore them between runs
-        fn()  # warm-up / compile
+    for variant in args.variants or VARIANTS_CUDA:
+        try:
+            res = _run_cuda_variant(covrl, variant, B, T, V, dtype, args.reps)
+        except torch.cuda.OutOfMemoryError as exc:
+            msg = f"out of GPU memory ({str(exc).splitlines()[0][:120]})"
+            print(f"{variant:>24}: {msg}", flush=True)
+            res = {"variant": variant, "skipped": msg}
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not lose the others
+            traceback.print_exc()
+            msg = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"{variant:>24}: {msg}", flush=True)
+            res = {"variant": variant, "skipped": msg.replace("|", "/")}
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(args.reps):
-            logits.copy_(fresh)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            grad = fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-            del grad
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-        res = {"variant": variant, "time_s": statistics.median(times), "extra_peak_mib": extra,
-               "logits_mib": logits.numel() * logits.element_size() / 2**20}
-        print(f"{variant:>24}: {res['time_s'] * 1e3:9.2f} ms  extra peak {extra:9.1f} MiB", flush=True)
+        torch.cuda.empty_cache()
         results.append(res)
-        del logits, fresh, labels, old, adv, mask, fn
+        if args.out:  # rewritten after every variant: a timeout keeps what was measured
+            write_cuda_markdown(args.out, args, results)
     return results
+
+
+def _run_cuda_variant(covrl, variant, B, T, V, dtype, reps):
+    torch.cuda.empty_cache()
+    logits, labels, g1, g2 = make_inputs(B * T, V, dtype, "cuda")
+    logits = logits.view(B, T, V)
+    labels = labels.view(B, T)
+    old = torch.randn(B, T, device="cuda") - 10
+    adv = torch.randn(B, device="cuda")
+    mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
+
+    if variant == "liger_triton_grpo_loss":
+        try:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        except ImportError as exc:
+            print(f"{variant:>24}: skipped ({exc})")
+            return {"variant": variant, "skipped": str(exc)}
+        # Liger reads logits [B, T + 1, V] (the last position is dropped).
+        logits = torch.cat([logits, logits[:, :1]], dim=1)
+
+    def fn(variant=variant, logits=logits, labels=labels, old=old, adv=adv, mask=mask, g1=g1, g2=g2):
+        if variant in ("eager", "covrl", "covrl_inplace"):
+            return step(variant, logits.view(B * T, V), labels.view(-1), g1, g2)
+        x = logits.detach().requires_grad_(True)
+        if variant == "fused_policy_loss":
+            loss, _ = covrl.fused_policy_loss(x, labels, old, adv, mask, mode="kl_cov", inplace_grad=True)
+        elif variant == "fused_policy_loss_ppo":
+            loss, _ = covrl.fused_policy_loss(x, labels, old, adv, mask, mode="ppo", inplace_grad=True)
+        else:
+            # Plain clipped loss, no reference KL (beta=0, ref_logp=None), temperature 1, covrl's
+            # clip 0.2/0.2, token-mean over the mask reduced inside Liger's autograd Function.
+            out = triton_grpo_loss(x, old, None, labels, adv, mask, temperature=1.0, beta=0.0,
+                                   eps_low=0.2, eps_high=0.2, inplace=True, loss_type="bnpo",
+                                   reduce=True)
+            # reduce=True: (loss, metrics); reduce=False: (per-token loss, kl, is_clipped).
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            loss = first if first.dim() == 0 else (first * mask).sum() / mask.sum()
+        return torch.autograd.grad(loss, x)[0]
+
+    fresh = logits.clone()  # in-place variants clobber the logits: restore them between runs
+    fn()  # warm-up / compile
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        logits.copy_(fresh)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        grad = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        del grad
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    res = {"variant": variant, "time_s": statistics.median(times), "extra_peak_mib": extra,
+           "logits_mib": logits.numel() * logits.element_size() / 2**20}
+    print(f"{variant:>24}: {res['time_s'] * 1e3:9.2f} ms  extra peak {extra:9.1f} MiB", flush=True)
+    del logits, fresh, labels, old, adv, mask, fn
+    return res
 
 
 def write_cuda_markdown(path, args, results):
     ok = [r for r in results if "skipped" not in r]
-    base = ok[0]
+    base = next((r for r in ok if r["variant"] == "eager"), ok[0] if ok else None)
     liger = next((r for r in ok if r["variant"] == "liger_triton_grpo_loss"), None)
+    logits_mib = args.batch * args.seq * args.vocab * 2 / 2**20
+    liger_version = "not installed"
+    try:
+        from importlib.metadata import version
+
+        liger_version = version("liger-kernel")
+    except Exception:  # noqa: BLE001 - metadata only
+        pass
     lines = [
         "# logprob_entropy: CUDA benchmark",
         "",
-        f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}. Shape {args.batch} x {args.seq} x "
-        f"{args.vocab} bf16 logits ({base['logits_mib']:.0f} MiB). Median of {args.reps} runs (CUDA events).",
+        f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; liger-kernel {liger_version}. "
+        f"Shape {args.batch} x {args.seq} x {args.vocab} bf16 logits ({logits_mib:.0f} MiB). "
+        f"Median of {args.reps} runs after one warm-up (CUDA events).",
         "",
-        "| variant | time (ms) | vs eager | vs Liger | extra peak (MiB) | extra / logits |",
+        "Forward + gradient w.r.t. the logits. eager / covrl / covrl_inplace: log-prob and entropy "
+        "(sum(g1 * log_prob) + sum(g2 * entropy)). fused_policy_loss: covrl logits -> kl_cov policy loss "
+        "(+ entropy metric), inplace_grad; fused_policy_loss_ppo: the same with mode=ppo. "
+        "liger_triton_grpo_loss: Liger's plain clipped GRPO loss, no reference KL (beta=0, ref_logp=None), "
+        "temperature 1, eps 0.2/0.2, token-mean (loss_type=bnpo, reduce=True), inplace, logits [B, T+1, V]: "
+        "the same loss and gradient as fused_policy_loss_ppo, without the entropy.",
+        "",
+        f"| variant | time (ms) | vs {base['variant'] if base else 'eager'} | vs Liger | extra peak (MiB) | "
+        "extra / logits |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -269,8 +334,15 @@ def main():
     ap.add_argument("--vocab", type=int, default=None, help="V (49152 on CPU, 151936 on CUDA)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="markdown results file")
+    ap.add_argument("--variants", default=None,
+                    help=f"CUDA: comma-separated subset of {','.join(VARIANTS_CUDA)} (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.variants:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = sorted(set(args.variants) - set(VARIANTS_CUDA))
+        if unknown:
+            ap.error(f"unknown variants {unknown}; choose from {VARIANTS_CUDA}")
     if args.vocab is None:
         args.vocab = 49152 if args.device == "cpu" else 151936
     if args.child:

@@ -6,10 +6,15 @@ Baselines:
              their host round-trips (.item(), nonzero, randperm, CPU top-k).
 
   .venv/bin/python benchmarks/bench_policy_loss.py [--device cpu|cuda] [--reps N] [--out PATH]
+      [--shapes 256x1024,512x8192] [--impl-label TEXT] [--profile --profile-out PATH]
 
 On CPU it times with perf_counter (median of --reps). On CUDA it times with CUDA events and
 reports microseconds and the share of the memory roofline (bytes a fused op must move: read
-log_prob, old_log_prob, advantages, mask; write d loss / d log_prob; at --peak-gbps).
+log_prob, old_log_prob, advantages, mask; write d loss / d log_prob; at --peak-gbps). On CUDA
+it also times covrl's forward + backward captured once in a CUDA graph and replayed
+(--graph-reps replays, no host launch overhead), and records COVRL_PL_CUDA_IMPL (the CUDA
+kernel version, v1 or v2; default v2). --profile (CUDA) runs torch.profiler over a few eager
+covrl steps per mode at --profile-shape and writes a per-kernel table to --profile-out.
 Writes a markdown table (benchmarks/results/policy_loss_<device>.md by default).
 """
 
@@ -30,6 +35,7 @@ from covrl import reference
 SHAPES = [(256, 1024), (256, 4096), (512, 8192)]
 MODES = ["clip_cov", "kl_cov", "ppo"]
 FRACTION = 2e-4
+BIG = 2**20  # shapes above this many tokens get fewer baseline reps
 
 
 def _masked_mean(x, m):
@@ -82,8 +88,12 @@ def make_inputs(B, T, device):
     return lp.to(device), olp.to(device), adv.to(device), mask.to(device)
 
 
+def loss_kwargs(mode):
+    return dict(mode=mode, clip_cov_fraction=FRACTION, kl_cov_fraction=FRACTION)
+
+
 def impls(mode):
-    kw = dict(mode=mode, clip_cov_fraction=FRACTION, kl_cov_fraction=FRACTION)
+    kw = loss_kwargs(mode)
     return {
         "covrl": lambda x, o, a, m: covrl.policy_loss(x, o, a, m, **kw)[0],
         "reference": lambda x, o, a, m: reference.policy_loss(x, o, a, m, **kw)[0],
@@ -116,56 +126,246 @@ def time_fb(fn, inputs, reps, device):
     return statistics.median(times)  # microseconds
 
 
+def time_graph(inputs, mode, replays, batch=20):
+    """covrl forward + backward captured once in a CUDA graph; median µs per replay.
+
+    Same pattern as tests/ops/test_policy_loss.py::test_cuda_graph_capture_forward_backward:
+    warm up on a side stream, then capture ``loss.backward()`` (x.grad is allocated inside
+    the graph's pool and overwritten by every replay). Timed as --graph-reps replays in
+    batches of ``batch`` back-to-back replays between two CUDA events (the host queues a
+    batch while the GPU sleeps, so no launch gap is timed); the median over batches / batch.
+    """
+    lp, olp, adv, mask = inputs
+    kw = loss_kwargs(mode)
+    x = lp.clone().requires_grad_()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the graph
+        for _ in range(3):
+            x.grad = None
+            covrl.policy_loss(x, olp, adv, mask, **kw)[0].backward()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss, _ = covrl.policy_loss(x, olp, adv, mask, **kw)
+        loss.backward()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    batch = max(1, min(batch, replays))
+    times = []
+    for _ in range(max(1, replays // batch)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU spin: the host queues the batch meanwhile
+        start.record()
+        for _ in range(batch):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / batch)
+    del graph, loss, x
+    return statistics.median(times)
+
+
+def profile_covrl(shape, steps, out_path, note):
+    """torch.profiler over ``steps`` eager covrl fwd+bwd per mode; per-kernel device time table."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T = shape
+    lp, olp, adv, mask = make_inputs(B, T, "cuda")
+    lines = [f"# covrl.policy_loss kernels, eager forward+backward at {B}x{T} (CUDA profiler)", "",
+             note, "",
+             f"{steps} profiled steps per mode after 3 warm-up steps; device time from the CUDA "
+             "activity trace (kernels, memcpy, memset); µs per step = total / steps.", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    for mode in MODES:
+        kw = loss_kwargs(mode)
+        x = lp.clone().requires_grad_()
+
+        def step(x=x, kw=kw):
+            x.grad = None
+            covrl.policy_loss(x, olp, adv, mask, **kw)[0].backward()
+
+        try:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step()
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e6 / steps
+        except Exception as exc:  # noqa: BLE001 - keep the other modes
+            print(f"profile {mode} failed: {type(exc).__name__}: {exc}", flush=True)
+            lines += [f"## {mode}", "", f"failed: {type(exc).__name__}: {exc}", ""]
+            continue
+        agg = {}
+        for evt in prof.events():
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            dur = evt.time_range.elapsed_us()
+            calls, total = agg.get(evt.name, (0, 0.0))
+            agg[evt.name] = (calls + 1, total + dur)
+        dev_total = sum(t for _, t in agg.values())
+        lines += [f"## {mode}", "",
+                  f"Device time per step {dev_total / steps:.1f} µs (sum over kernels); wall time per "
+                  f"step under the profiler {wall:.1f} µs.", "",
+                  "| kernel | calls | calls / step | total µs | avg µs | µs / step | share |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, (calls, total) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+            short = name.replace("|", "\\|")
+            if len(short) > 120:
+                short = short[:117] + "..."
+            lines.append(f"| `{short}` | {calls} | {calls / steps:.1f} | {total:.1f} | {total / calls:.2f} | "
+                         f"{total / steps:.2f} | {100 * total / max(dev_total, 1e-9):.0f}% |")
+        lines.append("")
+        print(f"profile {mode}: {dev_total / steps:.1f} µs device / step, {wall:.1f} µs wall / step, "
+              f"{sum(c for c, _ in agg.values()) / steps:.1f} device ops / step", flush=True)
+        with open(out_path, "w") as f:  # after every mode: a timeout keeps what was profiled
+            f.write("\n".join(lines) + "\n")
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {out_path}")
+
+
 def machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({torch.get_num_threads()} torch threads), no GPU"
 
 
+def parse_shapes(text):
+    shapes = []
+    for part in text.replace(",", " ").split():
+        b, t = part.lower().split("x")
+        shapes.append((int(b), int(t)))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None,
+                    help="eager reps (default 5 on CPU, halved above 2^20 tokens; 20 on CUDA)")
+    ap.add_argument("--baseline-reps", type=int, default=5,
+                    help="CUDA: reps of reference / verl-style above 2^20 tokens (they are slow)")
+    ap.add_argument("--graph-reps", type=int, default=200, help="CUDA: CUDA-graph replays of covrl")
+    ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                    help="BxT list, e.g. 256x1024,512x8192 (default: 256x1024,256x4096,512x8192)")
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth for the roofline (H100 SXM)")
+    ap.add_argument("--impl-label", default="", help="label of the kernel version, written in the header")
     ap.add_argument("--note", default="", help="free text added to the results file (e.g. machine load)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="CUDA: profile eager covrl steps (see --profile-out)")
+    ap.add_argument("--profile-only", action="store_true", help="CUDA: --profile and skip the timing table")
+    ap.add_argument("--profile-out", default=None, help="markdown file for --profile")
+    ap.add_argument("--profile-shape", type=parse_shapes, default=[(512, 8192)])
+    ap.add_argument("--profile-steps", type=int, default=10)
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = args.device
+    cuda = dev == "cuda"
+    if args.reps is None:
+        args.reps = 20 if cuda else 5
     warnings.filterwarnings("ignore")
     info = covrl.kernel_info()
+    pl_impl = os.environ.get("COVRL_PL_CUDA_IMPL", "v2")
+    label = f"impl label: {args.impl_label}; " if args.impl_label else ""
+    note = (f"Machine: {machine(dev)}; torch {torch.__version__}; covrl kernels: {info['backends']}; "
+            f"{label}COVRL_PL_CUDA_IMPL={pl_impl}.")
+    print(note, flush=True)
+    want_profile = args.profile or args.profile_only
+    if want_profile and not cuda:
+        raise SystemExit("--profile needs --device cuda")
+    if not args.profile_only:
+        run_table(args, dev, info, note)
+    if want_profile:
+        out = args.profile_out or os.path.join(os.path.dirname(__file__), "results",
+                                               f"policy_loss_profile_{pl_impl}.md")
+        profile_covrl(args.profile_shape[0], args.profile_steps, out, note)
+
+
+def run_table(args, dev, info, note):
+    cuda = dev == "cuda"
     rows = []
     header = "| shape | mode | covrl µs | reference µs | verl-style µs | vs reference | vs verl-style |"
-    if dev == "cuda":
-        header += " roofline µs | % of roofline |"
-    print(header)
-    for B, T in SHAPES:
+    if cuda:
+        header = ("| shape | mode | covrl µs | covrl graph µs | reference µs | verl-style µs | vs reference | "
+                  "vs verl-style | roofline µs | % of roofline | graph % of roofline |")
+    print(header, flush=True)
+    for B, T in args.shapes:
         inputs = make_inputs(B, T, dev)
-        reps = max(1, args.reps if B * T <= 2**20 else args.reps // 2)
+        big = B * T > BIG
+        if cuda:
+            reps = {"covrl": args.reps, "reference": args.baseline_reps if big else args.reps,
+                    "verl-style": args.baseline_reps if big else args.reps}
+        else:
+            r = max(1, args.reps if not big else args.reps // 2)
+            reps = {"covrl": r, "reference": r, "verl-style": r}
         for mode in MODES:
-            t = {name: time_fb(fn, inputs, reps, dev) for name, fn in impls(mode).items()}
-            row = (f"| {B}x{T} | {mode} | {t['covrl']:.0f} | {t['reference']:.0f} | {t['verl-style']:.0f} | "
-                   f"{t['reference'] / t['covrl']:.1f}x | {t['verl-style'] / t['covrl']:.1f}x |")
-            if dev == "cuda":
+            t = {}
+            for name, fn in impls(mode).items():
+                try:
+                    t[name] = time_fb(fn, inputs, reps[name], dev)
+                except Exception as exc:  # noqa: BLE001 - report, keep the table
+                    print(f"{name} failed ({B}x{T} {mode}): {type(exc).__name__}: {exc}", flush=True)
+                    t[name] = float("nan")
+            if not cuda:
+                row = (f"| {B}x{T} | {mode} | {t['covrl']:.0f} | {t['reference']:.0f} | {t['verl-style']:.0f} | "
+                       f"{t['reference'] / t['covrl']:.1f}x | {t['verl-style'] / t['covrl']:.1f}x |")
+            else:
+                try:
+                    tg = time_graph(inputs, mode, args.graph_reps)
+                    tg_s = f"{tg:.2f}"
+                except Exception as exc:  # noqa: BLE001 - report, keep the table
+                    print(f"graph capture failed ({B}x{T} {mode}): {type(exc).__name__}: {exc}", flush=True)
+                    tg, tg_s = None, "failed"
                 nbytes = B * T * (4 + 4 + 4 + 1 + 4)
                 roof = nbytes / (args.peak_gbps * 1e9) * 1e6
-                row += f" {roof:.1f} | {100 * roof / t['covrl']:.0f}% |"
+                g_pct = f"{100 * roof / tg:.0f}%" if tg else "n/a"
+                row = (f"| {B}x{T} | {mode} | {t['covrl']:.1f} | {tg_s} | {t['reference']:.1f} | "
+                       f"{t['verl-style']:.1f} | {t['reference'] / t['covrl']:.1f}x | "
+                       f"{t['verl-style'] / t['covrl']:.1f}x | {roof:.2f} | {100 * roof / t['covrl']:.0f}% | "
+                       f"{g_pct} |")
             print(row, flush=True)
             rows.append(row)
+            write_table(args, dev, info, note, header, rows)  # after every row: a timeout keeps them
+    print(f"wrote {write_table(args, dev, info, note, header, rows)}")
+
+
+def write_table(args, dev, info, note, header, rows):
+    cuda = dev == "cuda"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"policy_loss_{dev}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(f"# policy_loss forward+backward ({dev})\n\n")
-        f.write(f"Machine: {machine(dev)}; torch {torch.__version__}; covrl kernels: {info['backends']}.\n")
-        f.write(f"Fractions {FRACTION}, token-mean, fp32 inputs, 10% masked, advantages per sequence; "
-                f"median of {args.reps} (of {max(1, args.reps // 2)} at 512x8192) after one warm-up.\n")
+        if cuda:
+            f.write(note + "\n")
+            f.write(f"Fractions {FRACTION}, token-mean, fp32 inputs, 10% masked, advantages per sequence. "
+                    f"Eager columns: median of {args.reps} host-launched steps (reference and verl-style: "
+                    f"{args.baseline_reps} above 2^20 tokens) after one warm-up, CUDA events around each step. "
+                    f"covrl graph: forward+backward captured in one CUDA graph, median per replay over "
+                    f"{args.graph_reps} replays (batches of 20). Roofline: 17 bytes/token at "
+                    f"{args.peak_gbps:.0f} GB/s; ratios use the eager covrl time.\n")
+        else:
+            label = f" Impl label: {args.impl_label}." if args.impl_label else ""
+            f.write(f"Machine: {machine(dev)}; torch {torch.__version__}; covrl kernels: {info['backends']}.{label}\n")
+            f.write(f"Fractions {FRACTION}, token-mean, fp32 inputs, 10% masked, advantages per sequence; "
+                    f"median of {args.reps} (of {max(1, args.reps // 2)} at 512x8192) after one warm-up.\n")
         if args.note:
             f.write(f"\n{args.note}\n")
         f.write("\n" + header + "\n|" + "---|" * (header.count("|") - 1) + "\n")
         f.write("\n".join(rows) + "\n")
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "dispatch.h"
@@ -310,6 +313,441 @@ int stride_grid() {
   return 4 * sms;
 }
 
+
+// ------------------------------------------------------------------------------------------
+// v2 (default): fewer bytes and no single-thread loops. COVRL_PL_CUDA_IMPL=v1 selects v1 above.
+//   1. stats          one block per row: sum A, sum logp, n (reads log_prob, advantages, mask)
+//   2. finalize_stats one block of 1024: means, k; zeroes the 4096-bin histogram
+//   3. main           one block per row: loss + gradient WITHOUT the covariance selection
+//                     (or with it, when the threshold is known: ppo, or a given selection),
+//                     row partials, non-finite count, and a 12-bit histogram of the top
+//                     digit of every eligible token's selection key
+//   4. select_top     one block: the digit d holding the k-th smallest key (block scan)
+//   5. filter         one block per row: recomputes the keys (no [B, T] key buffer) and
+//                     compacts those whose top digit is <= d: the k selected tokens plus
+//                     the rest of bin d, a few thousand keys at the paper's fractions
+//   6. finish         one block: radix select of the k-th key among the survivors of bin d
+//   7. fixup          the selected tokens only: their gradient, selected flag and the
+//                     change of their loss (recomputed from the inputs)
+//   8. finalize_loss  one block of 1024: loss and metrics
+//   9. poison         zeroes the gradient when an unmasked input was non-finite
+// Per token this moves ~48 bytes forward+backward at fp32 (v1: ~68) in 9 launches (v1: 23).
+namespace v2 {
+
+constexpr int kT = 256;          // threads of the per-row kernels
+constexpr int kU = 4;            // tokens per thread per iteration (independent loads in flight)
+constexpr int kBig = 1024;       // threads of the single-block kernels
+constexpr int kTopBits = 12;
+constexpr int kTopBins = 1 << kTopBits;
+constexpr int kTopShift = 63 - kTopBits;  // keys are < 2**63: key >> 51 is in [0, 4096)
+constexpr int kNRowPart = 3;     // sum A, sum logp, n
+enum RowOut : int { kLoss, kClip, kSel, kCand, kNegD, kAbsD, kCov, kBad, kNRowOut };
+
+struct State {
+  double sum_a, sum_lp, n_valid, n_seq, n_valid_local, n_bad;
+  long long k, thr, row_offset, krem, n_eligible;
+  int digit, need_select;
+  unsigned long long n_surv;
+  unsigned int hist[kTopBins];
+};
+
+__device__ __forceinline__ void means2(const State* s, float& ma, float& ml) {
+  const double n = s->n_valid > 1 ? s->n_valid : 1.0;
+  ma = static_cast<float>(s->sum_a / n);
+  ml = static_cast<float>(s->sum_lp / n);
+}
+__device__ __forceinline__ void means2(const State* s, double& ma, double& ml) {
+  const double n = s->n_valid > 1 ? s->n_valid : 1.0;
+  ma = s->sum_a / n;
+  ml = s->sum_lp / n;
+}
+
+// Inclusive prefix sum over the block (blockDim.x a multiple of 32); *total gets the sum.
+__device__ long long block_scan(long long v, long long* total) {
+  __shared__ long long warp_tot[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const long long n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += n;
+  }
+  if (lane == 31) warp_tot[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    long long x = lane < nw ? warp_tot[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const long long n = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += n;
+    }
+    if (lane < nw) warp_tot[lane] = x;
+  }
+  __syncthreads();
+  if (w > 0) v += warp_tot[w - 1];
+  if (total) *total = warp_tot[nw - 1];
+  __syncthreads();  // warp_tot is reused by the next call
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t T, double* row_part) {
+  const int64_t r = blockIdx.x;
+  double v[kNRowPart] = {0, 0, 0};
+  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
+    bool ok[kU];
+    acc_t l[kU], a[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
+      const bool in_range = t < T;
+      ok[u] = in_range && in.valid[i];
+      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+      a[u] = in_range ? in.a(r, t) : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (ok[u]) {
+        v[0] += a[u];
+        v[1] += l[u];
+        v[2] += 1;
+      }
+  }
+  block_sum(v);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < kNRowPart; ++j) row_part[r * kNRowPart + j] = v[j];
+}
+
+__global__ void __launch_bounds__(kBig) finalize_stats(const double* row_part, int64_t B, double fraction,
+                                                       const double* sel_stats, const int64_t* sel_meta,
+                                                       State* s) {
+  for (int j = threadIdx.x; j < kTopBins; j += blockDim.x) s->hist[j] = 0;
+  double v[4] = {0, 0, 0, 0};
+  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
+    const double n = row_part[r * kNRowPart + 2];
+    v[0] += row_part[r * kNRowPart + 0];
+    v[1] += row_part[r * kNRowPart + 1];
+    v[2] += n;
+    v[3] += n > 0 ? 1 : 0;
+  }
+  block_sum(v);
+  if (threadIdx.x != 0) return;
+  s->sum_a = v[0];
+  s->sum_lp = v[1];
+  s->n_valid = v[2];
+  s->n_seq = v[3];
+  s->n_valid_local = v[2];
+  s->n_bad = 0;
+  s->thr = -1;
+  s->row_offset = 0;
+  if (sel_stats) {
+    s->sum_a = sel_stats[0];
+    s->sum_lp = sel_stats[1];
+    s->n_valid = sel_stats[2];
+    s->n_seq = sel_stats[3];
+  }
+  if (sel_meta) {
+    s->thr = sel_meta[0];
+    s->row_offset = sel_meta[1];
+  }
+  s->k = select_count(fraction, s->n_valid);
+  s->krem = 0;
+  s->n_eligible = 0;
+  s->digit = -1;
+  s->need_select = 0;
+  s->n_surv = 0;
+}
+
+// kSearch: no threshold yet; the loss and gradient are computed unselected (fixup
+// corrects the selected tokens) and the keys' top digits are histogrammed.
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
+__global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
+                                                const double* row_part, acc_t* grad, bool* selected,
+                                                double* row_out) {
+  __shared__ unsigned int hist[kSearch ? kTopBins : 1];
+  if (kSearch) {
+    for (int j = threadIdx.x; j < kTopBins; j += kT) hist[j] = 0;
+    __syncthreads();
+  }
+  const int64_t r = blockIdx.x;
+  acc_t ma, ml;
+  means2(s, ma, ml);
+  const acc_t scale =
+      static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm));
+  const long long thr = kSearch ? -1 : s->thr;
+  const int64_t base = (s->row_offset + r) * T;
+  const int lane = threadIdx.x & 31;
+  double v[kNRowOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
+    bool ok[kU];
+    acc_t l[kU], o[kU], a[kU], w[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
+      const bool in_range = t < T;
+      ok[u] = in_range && in.valid[i];
+      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+      o[u] = in_range ? in.olp[i] : acc_t(0);
+      a[u] = in_range ? in.a(r, t) : acc_t(0);
+      w[u] = in_range && in.isw ? in.isw[i] : acc_t(1);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
+      int64_t key = kNotEligible;
+      if (ok[u]) {
+        auto e = eval_token<acc_t, M>(l[u], o[u], a[u], ma, ml, p);
+        key = token_key<M>(e, base + t, p);
+        const bool sel = !kSearch && key != kNotEligible && key <= thr;
+        apply_selection<M>(e, sel, p);
+        if (in.isw) {
+          e.loss *= w[u];
+          e.grad *= w[u];
+        }
+        grad[i] = e.grad * scale;
+        selected[i] = sel;
+        v[kLoss] += e.loss;
+        v[kClip] += e.clipped;
+        v[kSel] += sel;
+        v[kCand] += e.cand;
+        v[kNegD] -= e.delta;
+        v[kAbsD] += e.delta < acc_t(0) ? -e.delta : e.delta;
+        v[kCov] += e.cov;
+        v[kBad] += (finite_(l[u]) && finite_(o[u]) && finite_(a[u]) && finite_(w[u])) ? 0 : 1;
+      } else if (t < T) {
+        grad[i] = acc_t(0);
+        selected[i] = false;
+      }
+      if (kSearch) {  // every lane gets here: the loop bounds are uniform over the block
+        const int d = key == kNotEligible ? -1 : static_cast<int>(key >> kTopShift);
+        const unsigned peers = __match_any_sync(0xffffffffu, d);
+        if (d >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+      }
+    }
+  }
+  if (kSearch) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < kTopBins; j += kT)
+      if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
+  }
+  block_sum(v);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < kNRowOut; ++j) row_out[r * kNRowOut + j] = v[j];
+}
+
+// The top digit holding the k-th smallest key.
+__global__ void __launch_bounds__(kBig) select_top(State* s) {
+  constexpr int kPer = kTopBins / kBig;
+  unsigned int h[kPer];
+  long long mine = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    h[j] = s->hist[threadIdx.x * kPer + j];
+    mine += h[j];
+  }
+  long long total = 0;
+  long long cum = block_scan(mine, &total) - mine;
+  const long long k = s->k;
+  if (k > 0 && total > k) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (cum < k && k <= cum + h[j]) {  // exactly one bin holds the k-th key
+        s->digit = threadIdx.x * kPer + j;
+        s->krem = k - cum;
+        s->need_select = 1;
+      }
+      cum += h[j];
+    }
+  }
+  if (threadIdx.x == 0) {
+    s->n_eligible = total;
+    if (k <= 0) {
+      s->thr = -1;  // nothing valid: nothing selected
+    } else if (total <= k) {
+      s->thr = kNotEligible - 1;  // every eligible token is selected
+      s->digit = kTopBins - 1;
+    }
+  }
+}
+
+// Compacts the eligible keys whose top digit is <= s->digit (warp-aggregated atomics).
+template <typename scalar_t, typename acc_t, int M>
+__global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
+                                             int64_t* surv) {
+  const int digit = s->digit;
+  if (digit < 0) return;
+  const int64_t r = blockIdx.x;
+  acc_t ma, ml;
+  means2(s, ma, ml);
+  const int64_t base = (s->row_offset + r) * T;
+  const int lane = threadIdx.x & 31;
+  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
+    bool ok[kU];
+    acc_t l[kU], o[kU], a[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
+      const bool in_range = t < T;
+      ok[u] = in_range && in.valid[i];
+      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+      // KL-Cov's key needs no old log-prob (the covariance only): skip those bytes
+      o[u] = M == kKLCov ? l[u] : (in_range ? in.olp[i] : acc_t(0));
+      a[u] = in_range ? in.a(r, t) : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      int64_t key = kNotEligible;
+      if (ok[u]) key = token_key<M>(eval_token<acc_t, M>(l[u], o[u], a[u], ma, ml, p), base + t0 + u * kT + threadIdx.x, p);
+      const bool keep = key != kNotEligible && static_cast<int>(key >> kTopShift) <= digit;
+      const unsigned m = __ballot_sync(0xffffffffu, keep);
+      if (m) {
+        const int leader = __ffs(m) - 1;
+        unsigned long long pos = 0;
+        if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
+        pos = __shfl_sync(0xffffffffu, pos, leader);
+        if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key;
+      }
+    }
+  }
+}
+
+// Radix select (8-bit digits below the top 12 bits) of the krem-th smallest key of bin s->digit.
+__global__ void __launch_bounds__(kBig) finish(State* s, const int64_t* surv) {
+  if (!s->need_select) return;
+  __shared__ unsigned int hist[256];
+  __shared__ long long sh_digit, sh_krem, sh_cnt, sh_key;
+  const long long n = static_cast<long long>(s->n_surv);
+  long long prefix = static_cast<long long>(s->digit) << kTopShift;
+  long long krem = s->krem;
+  int hi = kTopShift;  // bits >= hi of the answer are known (prefix)
+  while (hi > 0) {
+    const int w = hi < 8 ? hi : 8, shift = hi - w;
+    for (int j = threadIdx.x; j < 256; j += blockDim.x) hist[j] = 0;
+    __syncthreads();
+    const long long want = prefix >> hi;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+      const long long key = surv[i];
+      if ((key >> hi) == want) atomicAdd(&hist[(key >> shift) & ((1 << w) - 1)], 1u);
+    }
+    __syncthreads();
+    const long long h = threadIdx.x < 256 ? hist[threadIdx.x] : 0;
+    const long long incl = block_scan(h, nullptr);
+    if (h > 0 && incl - h < krem && krem <= incl) {
+      sh_digit = threadIdx.x;
+      sh_krem = krem - (incl - h);
+      sh_cnt = h;
+    }
+    __syncthreads();
+    prefix |= sh_digit << shift;
+    krem = sh_krem;
+    hi = shift;
+    const long long cnt = sh_cnt;
+    __syncthreads();  // everyone read sh_* before the next round writes them
+    if (cnt == 1 && hi > 0) {  // one key left in the bin: it is the k-th; find it
+      const long long want1 = prefix >> hi;
+      for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const long long key = surv[i];
+        if ((key >> hi) == want1) sh_key = key;
+      }
+      __syncthreads();
+      prefix = sh_key;
+      hi = 0;
+    }
+  }
+  if (threadIdx.x == 0) s->thr = prefix;
+}
+
+// The selected tokens (survivors with key <= thr): gradient, flag, loss change, count.
+template <typename scalar_t, typename acc_t, int M>
+__global__ void __launch_bounds__(kT) fixup(Loader<scalar_t, acc_t> in, int64_t T, Params p, const State* s,
+                                            const double* row_part, const int64_t* surv, acc_t* grad,
+                                            bool* selected, double* fix_out) {
+  const long long thr = s->thr;
+  double v[2] = {0, 0};
+  if (thr >= 0) {
+    const long long n = static_cast<long long>(s->n_surv);
+    acc_t ma, ml;
+    means2(s, ma, ml);
+    for (long long j = blockIdx.x * (long long)kT + threadIdx.x; j < n; j += (long long)gridDim.x * kT) {
+      const long long key = surv[j];
+      if (key > thr) continue;
+      const int64_t i = key & kMaxTokens;  // per-call selection: the global index is the flat index
+      const int64_t r = i / T, t = i - r * T;
+      auto e0 = eval_token<acc_t, M>(static_cast<acc_t>(in.lp[i]), in.olp[i], in.a(r, t), ma, ml, p);
+      auto e1 = e0;
+      apply_selection<M>(e1, true, p);
+      if (in.isw) {
+        const acc_t w = in.isw[i];
+        e0.loss *= w;
+        e1.loss *= w;
+        e1.grad *= w;
+      }
+      const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm);
+      grad[i] = e1.grad * static_cast<acc_t>(sc);
+      selected[i] = true;
+      v[0] += (static_cast<double>(e1.loss) - static_cast<double>(e0.loss)) * sc;
+      v[1] += 1;
+    }
+  }
+  block_sum(v);
+  if (threadIdx.x == 0) {
+    fix_out[blockIdx.x * 2] = v[0];
+    fix_out[blockIdx.x * 2 + 1] = v[1];
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kBig) finalize_loss(const double* row_part, const double* row_out, int64_t B,
+                                                      Params p, State* s, const double* fix_out, int n_fix,
+                                                      acc_t* loss, float* m) {
+  double v[kNRowOut] = {0, 0, 0, 0, 0, 0, 0, 0};  // [kLoss] = the scaled loss
+  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
+    v[kLoss] += row_out[r * kNRowOut + kLoss] *
+                row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm);
+#pragma unroll
+    for (int j = 1; j < kNRowOut; ++j) v[j] += row_out[r * kNRowOut + j];
+  }
+  block_sum(v);
+  if (threadIdx.x != 0) return;
+  double l = v[kLoss], nsel = v[kSel];
+  for (int b = 0; b < n_fix; ++b) {
+    l += fix_out[2 * b];
+    nsel += fix_out[2 * b + 1];
+  }
+  const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
+  s->n_bad = v[kBad];
+  *loss = static_cast<acc_t>(v[kBad] > 0 ? NAN : l);
+  m[kClipFrac] = static_cast<float>(v[kClip] / d);
+  m[kSelectedFrac] = static_cast<float>(nsel / d);
+  m[kNCandidates] = static_cast<float>(p.mode == kClipCov ? v[kCand] : p.mode == kKLCov ? nl : 0.0);
+  m[kApproxKL] = static_cast<float>(v[kNegD] / d);
+  m[kAbsDelta] = static_cast<float>(v[kAbsD] / d);
+  m[kCovMean] = static_cast<float>(v[kCov] / d);
+  m[kNValid] = static_cast<float>(nl);
+  m[kK] = static_cast<float>(p.mode == kPPO ? 0 : s->k);
+  m[kNonFinite] = static_cast<float>(v[kBad]);
+}
+
+template <typename acc_t>
+__global__ void poison(const State* s, acc_t* grad, int64_t n) {
+  if (s->n_bad == 0) return;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    grad[i] = acc_t(0);
+}
+
+template <typename F>
+void with_mode(int mode, F&& f) {
+  if (mode == kPPO) f(std::integral_constant<int, kPPO>{});
+  else if (mode == kClipCov) f(std::integral_constant<int, kClipCov>{});
+  else f(std::integral_constant<int, kKLCov>{});
+}
+
+}  // namespace v2
+
+bool use_v1() {
+  const char* e = std::getenv("COVRL_PL_CUDA_IMPL");
+  return e != nullptr && std::strcmp(e, "v1") == 0;
+}
+
 struct Prepared {
   Tensor lp, olp, adv, valid, isw;
   bool adv_row;
@@ -383,13 +821,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   const Prepared q = prepare(log_prob, old_log_prob, advantages, mask, is_weights, acc);
   const int64_t B = p.B, T = p.T, N = B * T;
   const auto opts = log_prob.options();
-  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
-  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
-  Tensor row_part = at::empty({B, kRowStats1}, opts.dtype(at::kDouble));
-  Tensor row_out = at::empty({B, kRowStats}, opts.dtype(at::kDouble));
   Tensor loss = at::empty({}, opts.dtype(acc));
   Tensor grad = at::empty({B, T}, opts.dtype(acc));
-  Tensor metrics = at::zeros({kNumMetrics}, opts.dtype(at::kFloat));
+  Tensor metrics = at::empty({kNumMetrics}, opts.dtype(at::kFloat));  // finalize_loss writes every slot
   Tensor selected = at::empty({B, T}, opts.dtype(at::kBool));
   // contiguous, like the CPU kernel: the kernels read elements [0], [1], ... of these
   const Tensor st_c = sel_stats.has_value() ? sel_stats->contiguous() : Tensor();
@@ -397,7 +831,60 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   const double* st = st_c.defined() ? st_c.data_ptr<double>() : nullptr;
   const int64_t* mt = mt_c.defined() ? mt_c.data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (B == 0) return {loss.zero_(), grad, metrics, selected};
+  if (B == 0) return {loss.zero_(), grad, metrics.zero_(), selected};
+  if (!use_v1()) {
+    Tensor state2 = at::empty({(int64_t)sizeof(v2::State)}, opts.dtype(at::kByte));
+    v2::State* s2 = reinterpret_cast<v2::State*>(state2.data_ptr());
+    Tensor rp = at::empty({B, v2::kNRowPart}, opts.dtype(at::kDouble));
+    Tensor ro = at::empty({B, v2::kNRowOut}, opts.dtype(at::kDouble));
+    const bool search = p.mode != kPPO && !sel_meta.has_value();
+    const int n_fix = search ? stride_grid() / 2 : 0;
+    Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
+    Tensor fix = at::empty({2 * std::max(n_fix, 1)}, opts.dtype(at::kDouble));
+    COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      const auto in = loader<scalar_t, acc_t>(q, T);
+      acc_t* g = grad.data_ptr<acc_t>();
+      bool* sel = selected.data_ptr<bool>();
+      double* rpp = rp.data_ptr<double>();
+      double* rop = ro.data_ptr<double>();
+      v2::stats<scalar_t, acc_t><<<B, v2::kT, 0, stream>>>(in, T, rpp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(rpp, B, fraction, st, mt, s2);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      v2::with_mode(p.mode, [&](auto mc) {
+        constexpr int M = decltype(mc)::value;
+        if (!search) {
+          v2::main_pass<scalar_t, acc_t, M, false><<<B, v2::kT, 0, stream>>>(in, T, p, s2, rpp, g, sel, rop);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+        int64_t* sv = surv.data_ptr<int64_t>();
+        v2::main_pass<scalar_t, acc_t, M, true><<<B, v2::kT, 0, stream>>>(in, T, p, s2, rpp, g, sel, rop);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        v2::select_top<<<1, v2::kBig, 0, stream>>>(s2);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        v2::filter<scalar_t, acc_t, M><<<B, v2::kT, 0, stream>>>(in, T, p, s2, sv);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        v2::finish<<<1, v2::kBig, 0, stream>>>(s2, sv);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        v2::fixup<scalar_t, acc_t, M><<<n_fix, v2::kT, 0, stream>>>(in, T, p, s2, rpp, sv, g, sel,
+                                                                    fix.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      v2::finalize_loss<acc_t><<<1, v2::kBig, 0, stream>>>(rpp, rop, B, p, s2, search ? fix.data_ptr<double>() : nullptr,
+                                                           n_fix, loss.data_ptr<acc_t>(), metrics.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      v2::poison<acc_t><<<stride_grid(), v2::kT, 0, stream>>>(s2, g, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {loss, grad, metrics, selected};
+  }
+  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
+  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
+  Tensor row_part = at::empty({B, kRowStats1}, opts.dtype(at::kDouble));
+  Tensor row_out = at::empty({B, kRowStats}, opts.dtype(at::kDouble));
+  metrics.zero_();
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto in = loader<scalar_t, acc_t>(q, T);

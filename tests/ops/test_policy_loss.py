@@ -434,3 +434,67 @@ def test_cuda_op_and_selection_never_sync(mode):
         covrl.policy_loss(x[2:6], olp[2:6], adv[2:6], mask[2:6], mode=mode, selection=sel.rows(2, 6), **KW)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _cpu_vs_cuda(lp, olp, adv, mask, **kw):
+    outs = []
+    for dev in ("cpu", "cuda"):
+        x = lp.to(dev).requires_grad_()
+        isw = kw.get("is_weights")
+        kwd = dict(kw, is_weights=None if isw is None else isw.to(dev))
+        loss, m, s = ops.policy_loss_selected(x, olp.to(dev), adv.to(dev), mask.to(dev), **kwd)
+        loss.backward()
+        outs.append((loss.cpu(), x.grad.cpu(), s.cpu(), {k: v.cpu() for k, v in m.items()}))
+    (l1, g1, s1, m1), (l2, g2, s2, m2) = outs
+    assert int(s1.sum()) == int(s2.sum()), (int(s1.sum()), int(s2.sum()))
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1.float(), g2.float(), rtol=1e-4, atol=1e-7)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], rtol=1e-5, atol=1e-6)
+    return s1
+
+
+STRESS = {
+    # name: (mode, B, T, input options, loss keywords)
+    "kl_paper": ("kl_cov", 64, 4096, dict(adv_per_seq=True), dict(kl_cov_fraction=2e-4)),
+    "clip_paper": ("clip_cov", 64, 4096, dict(adv_per_seq=True),
+                   dict(clip_cov_fraction=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0)),
+    "kl_big_fraction": ("kl_cov", 32, 2048, {}, dict(kl_cov_fraction=0.5)),
+    "clip_all_candidates": ("clip_cov", 32, 2048, {}, dict(clip_cov_fraction=0.9, clip_cov_lb=0.1, clip_cov_ub=3.0)),
+    "kl_ties": ("kl_cov", 16, 1000, dict(zero_adv=True), dict(kl_cov_fraction=0.01)),
+    "clip_no_candidates": ("clip_cov", 16, 1000, dict(zero_adv=True), dict(clip_cov_fraction=0.01)),
+    "kl_is_weights": ("kl_cov", 16, 3000, dict(isw=True), dict(kl_cov_fraction=0.003)),
+    "clip_bf16": ("clip_cov", 16, 3000, dict(dtype=torch.bfloat16),
+                  dict(clip_cov_fraction=0.003, clip_cov_lb=0.1, clip_cov_ub=3.0)),
+    "kl_one_token": ("kl_cov", 1, 1, {}, dict(kl_cov_fraction=0.5)),
+    "kl_all_masked_row": ("kl_cov", 8, 777, dict(mask_row=3), dict(kl_cov_fraction=0.01)),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", sorted(STRESS))
+def test_cuda_selection_stress(case):
+    """Selected set, loss, gradient and metrics of CUDA == CPU on larger and degenerate inputs."""
+    mode, B, T, opt, kw = STRESS[case]
+    lp, olp, adv, mask = sample_inputs(B, T, seed=31, adv_per_seq=opt.get("adv_per_seq", False),
+                                       dtype=opt.get("dtype", torch.float32))
+    if opt.get("zero_adv"):
+        adv = torch.zeros_like(adv)
+    if "mask_row" in opt:
+        mask[opt["mask_row"]] = False
+    if opt.get("isw"):
+        kw = dict(kw, is_weights=torch.rand(B, T, generator=torch.Generator().manual_seed(5)) + 0.5)
+    s = _cpu_vs_cuda(lp, olp, adv, mask, mode=mode, **kw)
+    n_valid = int(mask.sum())
+    frac = kw.get("kl_cov_fraction" if mode == "kl_cov" else "clip_cov_fraction")
+    if mode == "kl_cov" and n_valid:
+        assert int(s.sum()) == max(1, int(frac * n_valid))
+    if case == "kl_ties":  # all covariances equal: the lowest flat indices win
+        k = max(1, int(frac * n_valid))
+        want = torch.zeros(B * T, dtype=torch.bool)
+        want[torch.nonzero(mask.reshape(-1)).reshape(-1)[:k]] = True
+        assert torch.equal(s.reshape(-1), want)
+    if case == "clip_no_candidates":
+        assert int(s.sum()) == 0
