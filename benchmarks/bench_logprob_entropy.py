@@ -204,9 +204,11 @@ def run_cuda(args):
     B, T, V = args.batch, args.seq, args.vocab
     dtype = torch.bfloat16
     results = []
+    profile_rows: list[str] = []
     for variant in args.variants or VARIANTS_CUDA:
         try:
-            res = _run_cuda_variant(covrl, variant, B, T, V, dtype, args.reps)
+            res = _run_cuda_variant(covrl, variant, B, T, V, dtype, args.reps,
+                                    profile_rows if args.profile_out else None)
         except torch.cuda.OutOfMemoryError as exc:
             msg = f"out of GPU memory ({str(exc).splitlines()[0][:120]})"
             print(f"{variant:>24}: {msg}", flush=True)
@@ -221,10 +223,16 @@ def run_cuda(args):
         results.append(res)
         if args.out:  # rewritten after every variant: a timeout keeps what was measured
             write_cuda_markdown(args.out, args, results)
+        if args.profile_out and profile_rows:
+            with open(args.profile_out, "w") as f:
+                f.write(f"# logprob_entropy CUDA: device time per step by kernel (torch.profiler, 3 steps), "
+                        f"{B} x {T} x {V} bf16, COVRL_LPE_UNROLL={os.environ.get('COVRL_LPE_UNROLL', '1')}\n\n"
+                        "| variant | kernel | launches / step | ms / step |\n|---|---|---:|---:|\n")
+                f.write("\n".join(profile_rows) + "\n")
     return results
 
 
-def _run_cuda_variant(covrl, variant, B, T, V, dtype, reps):
+def _run_cuda_variant(covrl, variant, B, T, V, dtype, reps, profile_rows=None):
     torch.cuda.empty_cache()
     logits, labels, g1, g2 = make_inputs(B * T, V, dtype, "cuda")
     logits = logits.view(B, T, V)
@@ -279,6 +287,21 @@ def _run_cuda_variant(covrl, variant, B, T, V, dtype, reps):
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20
     res = {"variant": variant, "time_s": statistics.median(times), "extra_peak_mib": extra,
            "logits_mib": logits.numel() * logits.element_size() / 2**20}
+    if profile_rows is not None:  # per-kernel device time of 3 steps (where the time goes)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                logits.copy_(fresh)
+                del_grad = fn()
+                del del_grad
+            torch.cuda.synchronize()
+        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
+            if ev.device_time_total <= 0:
+                continue
+            name = ev.key.replace("|", "/")
+            name = name if len(name) <= 90 else name[:87] + "..."
+            profile_rows.append(f"| {variant} | `{name}` | {ev.count / 3:.0f} | {ev.device_time_total / 3 / 1e3:.3f} |")
     print(f"{variant:>24}: {res['time_s'] * 1e3:9.2f} ms  extra peak {extra:9.1f} MiB", flush=True)
     del logits, fresh, labels, old, adv, mask, fn
     return res
@@ -334,6 +357,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=None, help="V (49152 on CPU, 151936 on CUDA)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="markdown results file")
+    ap.add_argument("--profile-out", default=None, help="CUDA: per-kernel device-time table (markdown)")
     ap.add_argument("--variants", default=None,
                     help=f"CUDA: comma-separated subset of {','.join(VARIANTS_CUDA)} (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

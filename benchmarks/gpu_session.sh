@@ -26,8 +26,8 @@ OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-400}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-SESSION="$OUT/session.log"
-BUILD_LOG="$OUT/build.log"
+SESSION="${SESSION_LOG:-/tmp/gpu_session.log}"  # the reply carries its tail
+BUILD_LOG="$OUT/steps.log"
 STEPS_LOG="$OUT/steps.log"
 SUMMARY=()
 
@@ -113,7 +113,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         SUMMARY+=("$(printf '%-28s %-8s' kernel_info NO_CUDA)")
     fi
 
-    # --- value order: GPU tests v2, policy bench v2 (+profile), logprob bench, v1 bench, v1 tests --
+    # --- value order: GPU tests, policy bench v2 (+profile) and v1 (baseline, same run), logprob
+    # bench (COVRL_LPE_UNROLL=1 all variants + profile; 2 and 4 on the covrl/Liger subset) ----------
     step "tests gpu v2" 150 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
         $PY -m pytest -q -ra -m gpu tests/ops -p no:cacheprovider --timeout 120
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
@@ -122,17 +123,23 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         step "bench policy v2 +profile" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
             $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v2 \
             --out "$OUT/policy_loss_cuda_v2.md" --profile --profile-out "$OUT/profile_v2.md"
-        step "bench logprob_entropy" 120 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
-            $PY benchmarks/bench_logprob_entropy.py --device cuda --out "$OUT/logprob_entropy_cuda.md"
-        step "bench policy v1 +profile" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
+        step "bench policy v1" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
             $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v1 \
-            --out "$OUT/policy_loss_cuda_v1.md" --profile --profile-out "$OUT/profile_v1.md"
+            --out "$OUT/policy_loss_cuda_v1.md"
+        step "bench logprob u1 +profile" 120 "$STEPS_LOG" env COVRL_LPE_UNROLL=1 \
+            $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 --out "$OUT/logprob_entropy_cuda.md" \
+            --profile-out "$OUT/profile_lpe.md"
+        for u in 2 4; do
+            step "bench logprob u$u" 60 "$STEPS_LOG" env COVRL_LPE_UNROLL=$u \
+                $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 \
+                --variants covrl_inplace,fused_policy_loss,fused_policy_loss_ppo,liger_triton_grpo_loss \
+                --out "$OUT/logprob_entropy_cuda_u$u.md"
+        done
     else
         note "benchmarks skipped: no CUDA kernels (FORCE=1 runs them anyway)"
     fi
-
-    step "tests gpu v1 (policy)" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
-        $PY -m pytest -q -x -ra -m gpu tests/ops/test_policy_loss.py -p no:cacheprovider --timeout 120
+    step "tests gpu v1 (policy)" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
+        $PY -m pytest -q -ra -m gpu tests/ops/test_policy_loss.py -p no:cacheprovider --timeout 60
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
     # --- summary -------------------------------------------------------------------------------
@@ -154,12 +161,16 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
     rows "$OUT/policy_loss_cuda_v2.md"
     note "--- policy_loss v1 ---"
     rows "$OUT/policy_loss_cuda_v1.md"
-    note "--- logprob_entropy ---"
-    rows "$OUT/logprob_entropy_cuda.md"
+    for f in logprob_entropy_cuda logprob_entropy_cuda_u2 logprob_entropy_cuda_u4; do
+        note "--- $f ---"
+        rows "$OUT/$f.md"
+    done
+    note "--- profile_lpe ---"
+    rows "$OUT/profile_lpe.md" | cut -c1-160
     for v in v2 v1; do
         if [ -f "$OUT/profile_$v.md" ]; then
             note "--- profile $v (top kernels per mode) ---"
-            awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 4) print; n++}' "$OUT/profile_$v.md" \
+            awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' "$OUT/profile_$v.md" \
                 | cut -c1-200
         fi
     done

@@ -135,8 +135,17 @@ def _selection_config(mode, clip_low, clip_high, clip_cov_fraction, clip_cov_lb,
     return (mode,)
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 def _use_kernel(op: str, t: torch.Tensor) -> bool:
-    return t.device.type in ("cpu", "cuda") and _ext.has_kernel(op, t.device.type)
+    dev = t.device.type
+    if dev not in ("cpu", "cuda"):
+        return False
+    key = (op, dev)
+    if key not in _HAS_KERNEL:  # a dispatcher query per call costs more than the small kernels
+        _HAS_KERNEL[key] = _ext.has_kernel(op, dev)
+    return _HAS_KERNEL[key]
 
 
 def _kth_smallest_key(keys, k, group):
@@ -262,7 +271,7 @@ def policy_loss_selected(
             log_prob, old_log_prob, advantages, mask, is_weights, sel_stats, sel_meta, mode, agg,
             float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
             float(fraction), float(clip_cov_lb), float(clip_cov_ub), float(kl_coef), seed, norm)
-        metrics = {name: m[i] for i, name in enumerate(METRIC_NAMES)}
+        metrics = dict(zip(METRIC_NAMES, m.unbind(0), strict=True))
         return loss, metrics, selected
     _check_finite_host(log_prob, old_log_prob, advantages, mask, is_weights)
     return reference.policy_loss(

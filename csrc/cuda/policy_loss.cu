@@ -58,24 +58,26 @@ struct DevState {
   unsigned int hist[kBins];
 };
 
-// Deterministic block sum of N doubles (fixed shuffle tree, then warps in order); result in thread 0.
+// Deterministic block sum of N doubles (fixed shuffle trees: lanes, then the warps' partials
+// in warp 0); the result is in thread 0. Safe to call more than once per kernel.
 template <int N>
 __device__ void block_sum(double (&v)[N]) {
   __shared__ double smem[N][32];
+  __syncthreads();  // a previous call's readers are done with smem
 #pragma unroll
   for (int j = 0; j < N; ++j)
     for (int o = 16; o > 0; o >>= 1) v[j] += __shfl_down_sync(0xffffffffu, v[j], o);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   if (lane == 0)
 #pragma unroll
     for (int j = 0; j < N; ++j) smem[j][w] = v[j];
   __syncthreads();
-  if (threadIdx.x == 0)
+  if (w == 0)
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      double s = 0;
-      for (int i = 0; i < (int)(blockDim.x >> 5); ++i) s += smem[j][i];
-      v[j] = s;
+      double x = lane < nw ? smem[j][lane] : 0.0;
+      for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+      v[j] = x;
     }
 }
 
@@ -315,36 +317,41 @@ int stride_grid() {
 
 
 // ------------------------------------------------------------------------------------------
-// v2 (default): fewer bytes and no single-thread loops. COVRL_PL_CUDA_IMPL=v1 selects v1 above.
-//   1. stats          one block per row: sum A, sum logp, n (reads log_prob, advantages, mask)
-//   2. finalize_stats one block of 1024: means, k; zeroes the 4096-bin histogram
-//   3. main           one block per row: loss + gradient WITHOUT the covariance selection
-//                     (or with it, when the threshold is known: ppo, or a given selection),
-//                     row partials, non-finite count, and a 12-bit histogram of the top
-//                     digit of every eligible token's selection key
+// v2 (default): fewer bytes, more blocks, no single-thread loops. COVRL_PL_CUDA_IMPL=v1
+// selects v1 above (kept as the measured baseline; benchmarks/results/policy_loss_cuda.md).
+// Token kernels run one block per (row, chunk of kChunk tokens) so that even a few long rows
+// fill the GPU; their partials are combined in a fixed order (deterministic).
+//   1. stats          sum A, sum logp, n per chunk (reads log_prob, advantages, mask)
+//   2. finalize_stats one block: means, n per row, k; zeroes the 4096-bin histogram
+//   3. main           loss + gradient WITHOUT the covariance selection (or with it when the
+//                     threshold is known: ppo, or a given selection), chunk partials,
+//                     non-finite count, and a 12-bit histogram of the top digit of every
+//                     eligible token's key. Clip-Cov candidates are flagged (2) in `selected`.
 //   4. select_top     one block: the digit d holding the k-th smallest key (block scan)
-//   5. filter         one block per row: recomputes the keys (no [B, T] key buffer) and
-//                     compacts those whose top digit is <= d: the k selected tokens plus
-//                     the rest of bin d, a few thousand keys at the paper's fractions
-//   6. finish         one block: radix select of the k-th key among the survivors of bin d
-//   7. fixup          the selected tokens only: their gradient, selected flag and the
-//                     change of their loss (recomputed from the inputs)
-//   8. finalize_loss  one block of 1024: loss and metrics
-//   9. poison         zeroes the gradient when an unmasked input was non-finite
-// Per token this moves ~48 bytes forward+backward at fp32 (v1: ~68) in 9 launches (v1: 23).
+//   5. filter         compacts the keys whose top digit is <= d (the k selected tokens plus
+//                     the rest of bin d: a few thousand at the paper's fractions). Clip-Cov
+//                     keys come from the flags (1 byte per token); KL-Cov keys are recomputed
+//                     from log_prob and advantages (no [B, T] key buffer either way).
+//   6. tail           one block: radix select of the k-th key among the survivors; the
+//                     selected tokens' gradient, flag and loss change; loss and metrics;
+//                     zeroes the gradient when an unmasked input was non-finite.
+// fp32 forward + backward bytes per token: ~48 for KL-Cov, ~36 for Clip-Cov, ~35 for ppo
+// (v1: ~68), in 6 launches (v1: 23).
 namespace v2 {
 
-constexpr int kT = 256;          // threads of the per-row kernels
+constexpr int kT = 256;          // threads of the token kernels
 constexpr int kU = 4;            // tokens per thread per iteration (independent loads in flight)
+constexpr int kChunk = 2048;     // tokens per block of the token kernels (multiple of kT * kU)
 constexpr int kBig = 1024;       // threads of the single-block kernels
 constexpr int kTopBits = 12;
 constexpr int kTopBins = 1 << kTopBits;
 constexpr int kTopShift = 63 - kTopBits;  // keys are < 2**63: key >> 51 is in [0, 4096)
-constexpr int kNRowPart = 3;     // sum A, sum logp, n
-enum RowOut : int { kLoss, kClip, kSel, kCand, kNegD, kAbsD, kCov, kBad, kNRowOut };
+constexpr int kNPart = 3;        // stats partials: sum A, sum logp, n
+constexpr uint8_t kCandFlag = 2; // `selected` byte of a Clip-Cov candidate between main and filter
+enum Out : int { kLoss, kClip, kSel, kCand, kNegD, kAbsD, kCov, kBad, kNOut };
 
 struct State {
-  double sum_a, sum_lp, n_valid, n_seq, n_valid_local, n_bad;
+  double sum_a, sum_lp, n_valid, n_seq, n_valid_local;
   long long k, thr, row_offset, krem, n_eligible;
   int digit, need_select;
   unsigned long long n_surv;
@@ -389,20 +396,31 @@ __device__ long long block_scan(long long v, long long* total) {
   return v;
 }
 
+// This block's token range [t_begin, t_end) of row blockIdx.x.
+struct Chunk {
+  int64_t r, t_begin, t_end, part;
+  __device__ Chunk(int64_t T) {
+    r = blockIdx.x;
+    t_begin = int64_t(blockIdx.y) * kChunk;
+    t_end = t_begin + kChunk < T ? t_begin + kChunk : T;
+    part = r * gridDim.y + blockIdx.y;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t T, double* row_part) {
-  const int64_t r = blockIdx.x;
-  double v[kNRowPart] = {0, 0, 0};
-  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
+__global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t T, double* part) {
+  const Chunk c(T);
+  double v[kNPart] = {0, 0, 0};
+  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
     bool ok[kU];
     acc_t l[kU], a[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
-      const bool in_range = t < T;
+      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
+      const bool in_range = t < c.t_end;
       ok[u] = in_range && in.valid[i];
       l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
-      a[u] = in_range ? in.a(r, t) : acc_t(0);
+      a[u] = in_range ? in.a(c.r, t) : acc_t(0);
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u)
@@ -414,18 +432,23 @@ __global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t 
   }
   block_sum(v);
   if (threadIdx.x == 0)
-    for (int j = 0; j < kNRowPart; ++j) row_part[r * kNRowPart + j] = v[j];
+    for (int j = 0; j < kNPart; ++j) part[c.part * kNPart + j] = v[j];
 }
 
-__global__ void __launch_bounds__(kBig) finalize_stats(const double* row_part, int64_t B, double fraction,
+__global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int64_t B, int C, double fraction,
                                                        const double* sel_stats, const int64_t* sel_meta,
-                                                       State* s) {
+                                                       double* row_n, State* s) {
   for (int j = threadIdx.x; j < kTopBins; j += blockDim.x) s->hist[j] = 0;
   double v[4] = {0, 0, 0, 0};
   for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
-    const double n = row_part[r * kNRowPart + 2];
-    v[0] += row_part[r * kNRowPart + 0];
-    v[1] += row_part[r * kNRowPart + 1];
+    double n = 0;
+    for (int c = 0; c < C; ++c) {
+      const double* q = part + (r * C + c) * kNPart;
+      v[0] += q[0];
+      v[1] += q[1];
+      n += q[2];
+    }
+    row_n[r] = n;
     v[2] += n;
     v[3] += n > 0 ? 1 : 0;
   }
@@ -436,7 +459,6 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* row_part, i
   s->n_valid = v[2];
   s->n_seq = v[3];
   s->n_valid_local = v[2];
-  s->n_bad = 0;
   s->thr = -1;
   s->row_offset = 0;
   if (sel_stats) {
@@ -457,42 +479,41 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* row_part, i
   s->n_surv = 0;
 }
 
-// kSearch: no threshold yet; the loss and gradient are computed unselected (fixup
-// corrects the selected tokens) and the keys' top digits are histogrammed.
+// kSearch: no threshold yet; the loss and gradient are computed unselected (tail corrects
+// the selected tokens) and the keys' top digits are histogrammed.
 template <typename scalar_t, typename acc_t, int M, bool kSearch>
 __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
-                                                const double* row_part, acc_t* grad, bool* selected,
-                                                double* row_out) {
+                                                const double* row_n, acc_t* grad, uint8_t* selected,
+                                                double* out) {
   __shared__ unsigned int hist[kSearch ? kTopBins : 1];
   if (kSearch) {
     for (int j = threadIdx.x; j < kTopBins; j += kT) hist[j] = 0;
     __syncthreads();
   }
-  const int64_t r = blockIdx.x;
+  const Chunk c(T);
   acc_t ma, ml;
   means2(s, ma, ml);
-  const acc_t scale =
-      static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm));
+  const acc_t scale = static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_n[c.r], p.norm));
   const long long thr = kSearch ? -1 : s->thr;
-  const int64_t base = (s->row_offset + r) * T;
+  const int64_t base = (s->row_offset + c.r) * T;
   const int lane = threadIdx.x & 31;
-  double v[kNRowOut] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
+  double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
     bool ok[kU];
     acc_t l[kU], o[kU], a[kU], w[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
-      const bool in_range = t < T;
+      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
+      const bool in_range = t < c.t_end;
       ok[u] = in_range && in.valid[i];
       l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
       o[u] = in_range ? in.olp[i] : acc_t(0);
-      a[u] = in_range ? in.a(r, t) : acc_t(0);
+      a[u] = in_range ? in.a(c.r, t) : acc_t(0);
       w[u] = in_range && in.isw ? in.isw[i] : acc_t(1);
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
+      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
       int64_t key = kNotEligible;
       if (ok[u]) {
         auto e = eval_token<acc_t, M>(l[u], o[u], a[u], ma, ml, p);
@@ -504,7 +525,7 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
           e.grad *= w[u];
         }
         grad[i] = e.grad * scale;
-        selected[i] = sel;
+        selected[i] = (kSearch && M == kClipCov && e.cand) ? kCandFlag : static_cast<uint8_t>(sel);
         v[kLoss] += e.loss;
         v[kClip] += e.clipped;
         v[kSel] += sel;
@@ -513,9 +534,9 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
         v[kAbsD] += e.delta < acc_t(0) ? -e.delta : e.delta;
         v[kCov] += e.cov;
         v[kBad] += (finite_(l[u]) && finite_(o[u]) && finite_(a[u]) && finite_(w[u])) ? 0 : 1;
-      } else if (t < T) {
+      } else if (t < c.t_end) {
         grad[i] = acc_t(0);
-        selected[i] = false;
+        selected[i] = 0;
       }
       if (kSearch) {  // every lane gets here: the loop bounds are uniform over the block
         const int d = key == kNotEligible ? -1 : static_cast<int>(key >> kTopShift);
@@ -531,7 +552,7 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   }
   block_sum(v);
   if (threadIdx.x == 0)
-    for (int j = 0; j < kNRowOut; ++j) row_out[r * kNRowOut + j] = v[j];
+    for (int j = 0; j < kNOut; ++j) out[c.part * kNOut + j] = v[j];
 }
 
 // The top digit holding the k-th smallest key.
@@ -572,47 +593,59 @@ __global__ void __launch_bounds__(kBig) select_top(State* s) {
 // Compacts the eligible keys whose top digit is <= s->digit (warp-aggregated atomics).
 template <typename scalar_t, typename acc_t, int M>
 __global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
-                                             int64_t* surv) {
+                                             uint8_t* selected, int64_t* surv) {
   const int digit = s->digit;
-  if (digit < 0) return;
-  const int64_t r = blockIdx.x;
+  if (digit < 0) return;  // k = 0: nothing valid, so nothing was flagged either
+  const Chunk c(T);
   acc_t ma, ml;
   means2(s, ma, ml);
-  const int64_t base = (s->row_offset + r) * T;
+  const int64_t base = (s->row_offset + c.r) * T;
   const int lane = threadIdx.x & 31;
-  for (int64_t t0 = 0; t0 < T; t0 += int64_t(kT) * kU) {
-    bool ok[kU];
-    acc_t l[kU], o[kU], a[kU];
+  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
+    int64_t key[kU];
+    if (M == kClipCov) {  // candidates were flagged by main: their key is a hash of the index
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = r * T + t;
-      const bool in_range = t < T;
-      ok[u] = in_range && in.valid[i];
-      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
-      // KL-Cov's key needs no old log-prob (the covariance only): skip those bytes
-      o[u] = M == kKLCov ? l[u] : (in_range ? in.olp[i] : acc_t(0));
-      a[u] = in_range ? in.a(r, t) : acc_t(0);
+      for (int u = 0; u < kU; ++u) {
+        const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
+        const bool cand = t < c.t_end && selected[i] == kCandFlag;
+        key[u] = cand ? clip_cov_key(p.seed_hi, base + t) : kNotEligible;
+        if (cand) selected[i] = 0;  // tail sets the selected ones
+      }
+    } else {  // KL-Cov: the covariance only (no old log-prob)
+      bool ok[kU];
+      acc_t l[kU], a[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
+        const bool in_range = t < c.t_end;
+        ok[u] = in_range && in.valid[i];
+        l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+        a[u] = in_range ? in.a(c.r, t) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        key[u] = ok[u] ? token_key<M>(eval_token<acc_t, M>(l[u], l[u], a[u], ma, ml, p),
+                                      base + t0 + u * kT + threadIdx.x, p)
+                       : kNotEligible;
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      int64_t key = kNotEligible;
-      if (ok[u]) key = token_key<M>(eval_token<acc_t, M>(l[u], o[u], a[u], ma, ml, p), base + t0 + u * kT + threadIdx.x, p);
-      const bool keep = key != kNotEligible && static_cast<int>(key >> kTopShift) <= digit;
+      const bool keep = key[u] != kNotEligible && static_cast<int>(key[u] >> kTopShift) <= digit;
       const unsigned m = __ballot_sync(0xffffffffu, keep);
       if (m) {
         const int leader = __ffs(m) - 1;
         unsigned long long pos = 0;
         if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
         pos = __shfl_sync(0xffffffffu, pos, leader);
-        if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key;
+        if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key[u];
       }
     }
   }
 }
 
-// Radix select (8-bit digits below the top 12 bits) of the krem-th smallest key of bin s->digit.
-__global__ void __launch_bounds__(kBig) finish(State* s, const int64_t* surv) {
-  if (!s->need_select) return;
+// Radix select (8-bit digits below the top 12 bits) of the krem-th smallest key of bin
+// s->digit among the survivors; thread 0 writes s->thr. Called by all threads of one block.
+__device__ void finish_select(State* s, const int64_t* surv) {
   __shared__ unsigned int hist[256];
   __shared__ long long sh_digit, sh_krem, sh_cnt, sh_key;
   const long long n = static_cast<long long>(s->n_surv);
@@ -656,18 +689,22 @@ __global__ void __launch_bounds__(kBig) finish(State* s, const int64_t* surv) {
   if (threadIdx.x == 0) s->thr = prefix;
 }
 
-// The selected tokens (survivors with key <= thr): gradient, flag, loss change, count.
-template <typename scalar_t, typename acc_t, int M>
-__global__ void __launch_bounds__(kT) fixup(Loader<scalar_t, acc_t> in, int64_t T, Params p, const State* s,
-                                            const double* row_part, const int64_t* surv, acc_t* grad,
-                                            bool* selected, double* fix_out) {
-  const long long thr = s->thr;
-  double v[2] = {0, 0};
-  if (thr >= 0) {
-    const long long n = static_cast<long long>(s->n_surv);
+// One block: [search] threshold + fix-up of the selected tokens; then loss, metrics, poison.
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
+__global__ void __launch_bounds__(kBig) tail(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
+                                             const double* row_n, const double* out, int64_t n_part, int C,
+                                             const int64_t* surv, acc_t* grad, uint8_t* selected, acc_t* loss,
+                                             float* m, int64_t N) {
+  __shared__ int sh_bad;
+  double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};  // [kLoss] = the scaled loss
+  if (kSearch) {
+    if (s->need_select) finish_select(s, surv);  // need_select is uniform over the block
+    __syncthreads();
+    const long long thr = s->thr;
+    const long long n = thr >= 0 ? static_cast<long long>(s->n_surv) : 0;
     acc_t ma, ml;
     means2(s, ma, ml);
-    for (long long j = blockIdx.x * (long long)kT + threadIdx.x; j < n; j += (long long)gridDim.x * kT) {
+    for (long long j = threadIdx.x; j < n; j += blockDim.x) {
       const long long key = surv[j];
       if (key > thr) continue;
       const int64_t i = key & kMaxTokens;  // per-call selection: the global index is the flat index
@@ -681,57 +718,37 @@ __global__ void __launch_bounds__(kT) fixup(Loader<scalar_t, acc_t> in, int64_t 
         e1.loss *= w;
         e1.grad *= w;
       }
-      const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm);
+      const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_n[r], p.norm);
       grad[i] = e1.grad * static_cast<acc_t>(sc);
-      selected[i] = true;
-      v[0] += (static_cast<double>(e1.loss) - static_cast<double>(e0.loss)) * sc;
-      v[1] += 1;
+      selected[i] = 1;
+      v[kLoss] += (static_cast<double>(e1.loss) - static_cast<double>(e0.loss)) * sc;
+      v[kSel] += 1;
     }
+  }
+  for (int64_t q = threadIdx.x; q < n_part; q += blockDim.x) {
+    const int64_t r = q / C;
+    v[kLoss] += out[q * kNOut + kLoss] * row_scale(p.agg, s->n_valid, s->n_seq, row_n[r], p.norm);
+#pragma unroll
+    for (int j = 1; j < kNOut; ++j) v[j] += out[q * kNOut + j];
   }
   block_sum(v);
   if (threadIdx.x == 0) {
-    fix_out[blockIdx.x * 2] = v[0];
-    fix_out[blockIdx.x * 2 + 1] = v[1];
+    const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
+    *loss = static_cast<acc_t>(v[kBad] > 0 ? NAN : v[kLoss]);
+    m[kClipFrac] = static_cast<float>(v[kClip] / d);
+    m[kSelectedFrac] = static_cast<float>(v[kSel] / d);
+    m[kNCandidates] = static_cast<float>(p.mode == kClipCov ? v[kCand] : p.mode == kKLCov ? nl : 0.0);
+    m[kApproxKL] = static_cast<float>(v[kNegD] / d);
+    m[kAbsDelta] = static_cast<float>(v[kAbsD] / d);
+    m[kCovMean] = static_cast<float>(v[kCov] / d);
+    m[kNValid] = static_cast<float>(nl);
+    m[kK] = static_cast<float>(p.mode == kPPO ? 0 : s->k);
+    m[kNonFinite] = static_cast<float>(v[kBad]);
+    sh_bad = v[kBad] > 0;
   }
-}
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kBig) finalize_loss(const double* row_part, const double* row_out, int64_t B,
-                                                      Params p, State* s, const double* fix_out, int n_fix,
-                                                      acc_t* loss, float* m) {
-  double v[kNRowOut] = {0, 0, 0, 0, 0, 0, 0, 0};  // [kLoss] = the scaled loss
-  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
-    v[kLoss] += row_out[r * kNRowOut + kLoss] *
-                row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kNRowPart + 2], p.norm);
-#pragma unroll
-    for (int j = 1; j < kNRowOut; ++j) v[j] += row_out[r * kNRowOut + j];
-  }
-  block_sum(v);
-  if (threadIdx.x != 0) return;
-  double l = v[kLoss], nsel = v[kSel];
-  for (int b = 0; b < n_fix; ++b) {
-    l += fix_out[2 * b];
-    nsel += fix_out[2 * b + 1];
-  }
-  const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
-  s->n_bad = v[kBad];
-  *loss = static_cast<acc_t>(v[kBad] > 0 ? NAN : l);
-  m[kClipFrac] = static_cast<float>(v[kClip] / d);
-  m[kSelectedFrac] = static_cast<float>(nsel / d);
-  m[kNCandidates] = static_cast<float>(p.mode == kClipCov ? v[kCand] : p.mode == kKLCov ? nl : 0.0);
-  m[kApproxKL] = static_cast<float>(v[kNegD] / d);
-  m[kAbsDelta] = static_cast<float>(v[kAbsD] / d);
-  m[kCovMean] = static_cast<float>(v[kCov] / d);
-  m[kNValid] = static_cast<float>(nl);
-  m[kK] = static_cast<float>(p.mode == kPPO ? 0 : s->k);
-  m[kNonFinite] = static_cast<float>(v[kBad]);
-}
-
-template <typename acc_t>
-__global__ void poison(const State* s, acc_t* grad, int64_t n) {
-  if (s->n_bad == 0) return;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    grad[i] = acc_t(0);
+  __syncthreads();
+  if (sh_bad)  // a non-finite unmasked input: NaN loss and a zero gradient (never a silent loss)
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) grad[i] = acc_t(0);
 }
 
 template <typename F>
@@ -833,50 +850,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B == 0) return {loss.zero_(), grad, metrics.zero_(), selected};
   if (!use_v1()) {
+    const int64_t C = (T + v2::kChunk - 1) / v2::kChunk > 0 ? (T + v2::kChunk - 1) / v2::kChunk : 1;
+    TORCH_CHECK(C <= 65535, "policy_loss: sequence length ", T, " is too long for the CUDA kernel");
+    const int64_t n_part = B * C;
+    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(C));
     Tensor state2 = at::empty({(int64_t)sizeof(v2::State)}, opts.dtype(at::kByte));
     v2::State* s2 = reinterpret_cast<v2::State*>(state2.data_ptr());
-    Tensor rp = at::empty({B, v2::kNRowPart}, opts.dtype(at::kDouble));
-    Tensor ro = at::empty({B, v2::kNRowOut}, opts.dtype(at::kDouble));
+    Tensor part = at::empty({n_part, v2::kNPart}, opts.dtype(at::kDouble));
+    Tensor out = at::empty({n_part, v2::kNOut}, opts.dtype(at::kDouble));
+    Tensor row_n = at::empty({B}, opts.dtype(at::kDouble));
     const bool search = p.mode != kPPO && !sel_meta.has_value();
-    const int n_fix = search ? stride_grid() / 2 : 0;
     Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
-    Tensor fix = at::empty({2 * std::max(n_fix, 1)}, opts.dtype(at::kDouble));
     COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const auto in = loader<scalar_t, acc_t>(q, T);
       acc_t* g = grad.data_ptr<acc_t>();
-      bool* sel = selected.data_ptr<bool>();
-      double* rpp = rp.data_ptr<double>();
-      double* rop = ro.data_ptr<double>();
-      v2::stats<scalar_t, acc_t><<<B, v2::kT, 0, stream>>>(in, T, rpp);
+      uint8_t* sel = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
+      double* pp = part.data_ptr<double>();
+      double* op = out.data_ptr<double>();
+      double* rn = row_n.data_ptr<double>();
+      v2::stats<scalar_t, acc_t><<<grid, v2::kT, 0, stream>>>(in, T, pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(rpp, B, fraction, st, mt, s2);
+      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(pp, B, static_cast<int>(C), fraction, st, mt, rn, s2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       v2::with_mode(p.mode, [&](auto mc) {
         constexpr int M = decltype(mc)::value;
+        acc_t* lo = loss.data_ptr<acc_t>();
+        float* me = metrics.data_ptr<float>();
         if (!search) {
-          v2::main_pass<scalar_t, acc_t, M, false><<<B, v2::kT, 0, stream>>>(in, T, p, s2, rpp, g, sel, rop);
+          v2::main_pass<scalar_t, acc_t, M, false><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, rn, g, sel, op);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, op, n_part,
+                                                                          static_cast<int>(C), nullptr, g, sel,
+                                                                          lo, me, N);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           return;
         }
         int64_t* sv = surv.data_ptr<int64_t>();
-        v2::main_pass<scalar_t, acc_t, M, true><<<B, v2::kT, 0, stream>>>(in, T, p, s2, rpp, g, sel, rop);
+        v2::main_pass<scalar_t, acc_t, M, true><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, rn, g, sel, op);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         v2::select_top<<<1, v2::kBig, 0, stream>>>(s2);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::filter<scalar_t, acc_t, M><<<B, v2::kT, 0, stream>>>(in, T, p, s2, sv);
+        v2::filter<scalar_t, acc_t, M><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, sel, sv);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::finish<<<1, v2::kBig, 0, stream>>>(s2, sv);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::fixup<scalar_t, acc_t, M><<<n_fix, v2::kT, 0, stream>>>(in, T, p, s2, rpp, sv, g, sel,
-                                                                    fix.data_ptr<double>());
+        v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, op, n_part,
+                                                                       static_cast<int>(C), sv, g, sel, lo, me, N);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-      v2::finalize_loss<acc_t><<<1, v2::kBig, 0, stream>>>(rpp, rop, B, p, s2, search ? fix.data_ptr<double>() : nullptr,
-                                                           n_fix, loss.data_ptr<acc_t>(), metrics.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::poison<acc_t><<<stride_grid(), v2::kT, 0, stream>>>(s2, g, N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return {loss, grad, metrics, selected};
   }

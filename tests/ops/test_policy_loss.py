@@ -353,7 +353,7 @@ def test_cuda_matches_cpu(mode, agg, dtype):
         lp, olp, adv, mask = sample_inputs(*shape, dtype=dtype, seed=20)
         outs = []
         for dev in ("cpu", "cuda"):
-            x = lp.to(dev).requires_grad_()
+            x = lp.detach().to(dev).clone().requires_grad_()
             loss, m, s = ops.policy_loss_selected(x, olp.to(dev), adv.to(dev), mask.to(dev), mode=mode, agg=agg, **KW)
             loss.backward()
             outs.append((loss.cpu(), x.grad.cpu(), s.cpu(), {k: v.cpu() for k, v in m.items()}))
@@ -439,7 +439,7 @@ def test_cuda_op_and_selection_never_sync(mode):
 def _cpu_vs_cuda(lp, olp, adv, mask, **kw):
     outs = []
     for dev in ("cpu", "cuda"):
-        x = lp.to(dev).requires_grad_()
+        x = lp.detach().to(dev).clone().requires_grad_()
         isw = kw.get("is_weights")
         kwd = dict(kw, is_weights=None if isw is None else isw.to(dev))
         loss, m, s = ops.policy_loss_selected(x, olp.to(dev), adv.to(dev), mask.to(dev), **kwd)
