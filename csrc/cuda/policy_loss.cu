@@ -317,37 +317,45 @@ int stride_grid() {
 
 
 // ------------------------------------------------------------------------------------------
-// v2 (default): fewer bytes, more blocks, no single-thread loops. COVRL_PL_CUDA_IMPL=v1
-// selects v1 above (kept as the measured baseline; benchmarks/results/policy_loss_cuda.md).
-// Token kernels run one block per (row, chunk of kChunk tokens) so that even a few long rows
-// fill the GPU; their partials are combined in a fixed order (deterministic).
-//   1. stats          sum A, sum logp, n per chunk (reads log_prob, advantages, mask)
+// v2 (default): fewer bytes, persistent blocks, no single-thread loops. COVRL_PL_CUDA_IMPL=v1
+// selects v1 above (kept as the measured baseline, see benchmarks/results/policy_loss_cuda.md).
+// The token kernels run a persistent grid (as many blocks as fit on the GPU at once). Their
+// work comes in units of kChunk tokens of one row; each warp takes its own 256 tokens of a
+// unit, so there is no block barrier per unit. Sums are per block (fixed unit-to-block
+// assignment) and per-row counts are integers: deterministic.
+//   1. stats          sum A, sum logp (per block), valid count per (unit, warp)
 //   2. finalize_stats one block: means, n per row, k; zeroes the 4096-bin histogram
 //   3. main           loss + gradient WITHOUT the covariance selection (or with it when the
-//                     threshold is known: ppo, or a given selection), chunk partials,
-//                     non-finite count, and a 12-bit histogram of the top digit of every
-//                     eligible token's key. Clip-Cov candidates are flagged (2) in `selected`.
+//                     threshold is known: ppo, or a given selection), partial sums,
+//                     non-finite count, and a histogram of the top 12 bits of every
+//                     eligible token's selection key. Clip-Cov candidates get the flag 2 in
+//                     `selected`; KL-Cov tokens get their 12-bit digit in a uint16 scratch.
 //   4. select_top     one block: the digit d holding the k-th smallest key (block scan)
 //   5. filter         compacts the keys whose top digit is <= d (the k selected tokens plus
-//                     the rest of bin d: a few thousand at the paper's fractions). Clip-Cov
-//                     keys come from the flags (1 byte per token); KL-Cov keys are recomputed
-//                     from log_prob and advantages (no [B, T] key buffer either way).
-//   6. tail           one block: radix select of the k-th key among the survivors; the
-//                     selected tokens' gradient, flag and loss change; loss and metrics;
-//                     zeroes the gradient when an unmasked input was non-finite.
-// fp32 forward + backward bytes per token: ~48 for KL-Cov, ~36 for Clip-Cov, ~35 for ppo
-// (v1: ~68), in 6 launches (v1: 23).
+//                     the rest of bin d: a few thousand at the paper's fractions), reading
+//                     1 byte (Clip-Cov flag) or 2 bytes (KL-Cov digit) per token; only the
+//                     kept KL-Cov tokens re-read log_prob and advantages for the full key.
+//   6. tail           one block: radix select of the k-th key among the survivors (in shared
+//                     memory when they fit); the selected tokens' gradient, flag and loss
+//                     change; loss and metrics; zeroes the gradient when an unmasked input
+//                     was non-finite (the loss is then NaN).
+// fp32 forward + backward bytes per token: ~39 (KL-Cov), ~36 (Clip-Cov), ~35 (ppo), against
+// ~68 for v1, in 6 launches (v1: 23) plus autograd's multiply by the incoming gradient.
 namespace v2 {
 
-constexpr int kT = 256;          // threads of the token kernels
-constexpr int kU = 4;            // tokens per thread per iteration (independent loads in flight)
-constexpr int kChunk = 2048;     // tokens per block of the token kernels (multiple of kT * kU)
-constexpr int kBig = 1024;       // threads of the single-block kernels
+constexpr int kT = 256;                         // threads of the token kernels
+constexpr int kWarps = kT / 32;
+constexpr int kU = 4;                           // tokens per lane per step (loads in flight)
+constexpr int kWarpTokens = 256;                // tokens of one warp in one unit
+constexpr int kSteps = kWarpTokens / (32 * kU); // 2
+constexpr int kChunk = kWarps * kWarpTokens;    // 2048 tokens per unit
+constexpr int kBig = 1024;                      // threads of the single-block kernels
 constexpr int kTopBits = 12;
 constexpr int kTopBins = 1 << kTopBits;
-constexpr int kTopShift = 63 - kTopBits;  // keys are < 2**63: key >> 51 is in [0, 4096)
-constexpr int kNPart = 3;        // stats partials: sum A, sum logp, n
-constexpr uint8_t kCandFlag = 2; // `selected` byte of a Clip-Cov candidate between main and filter
+constexpr int kTopShift = 63 - kTopBits;        // keys are < 2**63: key >> 51 is in [0, 4096)
+constexpr int kShKeys = 4096;                   // survivors the tail keeps in shared memory
+constexpr uint16_t kNoDigit = 0xFFFF;           // KL-Cov scratch of a masked token
+constexpr uint8_t kCandFlag = 2;                // `selected` byte of a Clip-Cov candidate
 enum Out : int { kLoss, kClip, kSel, kCand, kNegD, kAbsD, kCov, kBad, kNOut };
 
 struct State {
@@ -396,60 +404,70 @@ __device__ long long block_scan(long long v, long long* total) {
   return v;
 }
 
-// This block's token range [t_begin, t_end) of row blockIdx.x.
-struct Chunk {
-  int64_t r, t_begin, t_end, part;
-  __device__ Chunk(int64_t T) {
-    r = blockIdx.x;
-    t_begin = int64_t(blockIdx.y) * kChunk;
-    t_end = t_begin + kChunk < T ? t_begin + kChunk : T;
-    part = r * gridDim.y + blockIdx.y;
+// Unit u: row r, tokens [t0, t1); this warp's first token is wt.
+struct Unit {
+  int64_t r, t1, wt;
+  __device__ Unit(int64_t u, int64_t C, int64_t T) {
+    r = u / C;
+    const int64_t t0 = (u - r * C) * kChunk;
+    t1 = t0 + kChunk < T ? t0 + kChunk : T;
+    wt = t0 + int64_t(threadIdx.x >> 5) * kWarpTokens + (threadIdx.x & 31);
   }
+  // token of lane's q-th load in step st
+  __device__ int64_t t(int st, int q) const { return wt + st * (32 * kU) + q * 32; }
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t T, double* part) {
-  const Chunk c(T);
-  double v[kNPart] = {0, 0, 0};
-  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
-    bool ok[kU];
-    acc_t l[kU], a[kU];
+__global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
+                                            double* part, int* cnt) {
+  double v[2] = {0, 0};
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const Unit un(u, C, T);
+    int n = 0;
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
-      const bool in_range = t < c.t_end;
-      ok[u] = in_range && in.valid[i];
-      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
-      a[u] = in_range ? in.a(c.r, t) : acc_t(0);
-    }
+    for (int st = 0; st < kSteps; ++st) {
+      bool ok[kU];
+      acc_t l[kU], a[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u)
-      if (ok[u]) {
-        v[0] += a[u];
-        v[1] += l[u];
-        v[2] += 1;
+      for (int q = 0; q < kU; ++q) {
+        const int64_t t = un.t(st, q), i = un.r * T + t;
+        const bool in_range = t < un.t1;
+        ok[q] = in_range && in.valid[i];
+        l[q] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+        a[q] = in_range ? in.a(un.r, t) : acc_t(0);
       }
+#pragma unroll
+      for (int q = 0; q < kU; ++q)
+        if (ok[q]) {
+          v[0] += a[q];
+          v[1] += l[q];
+          ++n;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) n += __shfl_down_sync(0xffffffffu, n, o);
+    if ((threadIdx.x & 31) == 0) cnt[u * kWarps + (threadIdx.x >> 5)] = n;
   }
   block_sum(v);
-  if (threadIdx.x == 0)
-    for (int j = 0; j < kNPart; ++j) part[c.part * kNPart + j] = v[j];
+  if (threadIdx.x == 0) {
+    part[blockIdx.x * 2] = v[0];
+    part[blockIdx.x * 2 + 1] = v[1];
+  }
 }
 
-__global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int64_t B, int C, double fraction,
-                                                       const double* sel_stats, const int64_t* sel_meta,
-                                                       double* row_n, State* s) {
+__global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n_part, const int* cnt, int64_t B,
+                                                       int64_t C, double fraction, const double* sel_stats,
+                                                       const int64_t* sel_meta, double* row_n, State* s) {
   for (int j = threadIdx.x; j < kTopBins; j += blockDim.x) s->hist[j] = 0;
-  double v[4] = {0, 0, 0, 0};
+  double v[4] = {0, 0, 0, 0};  // sum A, sum logp, n, rows with a valid token
+  for (int b = threadIdx.x; b < n_part; b += blockDim.x) {
+    v[0] += part[2 * b];
+    v[1] += part[2 * b + 1];
+  }
   for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
-    double n = 0;
-    for (int c = 0; c < C; ++c) {
-      const double* q = part + (r * C + c) * kNPart;
-      v[0] += q[0];
-      v[1] += q[1];
-      n += q[2];
-    }
-    row_n[r] = n;
-    v[2] += n;
+    long long n = 0;
+    for (int64_t j = 0; j < C * kWarps; ++j) n += cnt[r * C * kWarps + j];
+    row_n[r] = static_cast<double>(n);
+    v[2] += static_cast<double>(n);
     v[3] += n > 0 ? 1 : 0;
   }
   block_sum(v);
@@ -480,68 +498,79 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int64
 }
 
 // kSearch: no threshold yet; the loss and gradient are computed unselected (tail corrects
-// the selected tokens) and the keys' top digits are histogrammed.
-template <typename scalar_t, typename acc_t, int M, bool kSearch>
-__global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
-                                                const double* row_n, acc_t* grad, uint8_t* selected,
-                                                double* out) {
+// the selected tokens) and the keys' top digits are histogrammed (kMatch: one shared-memory
+// atomic per distinct digit in the warp, else one per token).
+template <typename scalar_t, typename acc_t, int M, bool kSearch, bool kMatch>
+__global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
+                                                Params p, State* s, const double* row_n, acc_t* grad,
+                                                uint8_t* selected, uint16_t* digits, double* out) {
   __shared__ unsigned int hist[kSearch ? kTopBins : 1];
   if (kSearch) {
     for (int j = threadIdx.x; j < kTopBins; j += kT) hist[j] = 0;
     __syncthreads();
   }
-  const Chunk c(T);
   acc_t ma, ml;
   means2(s, ma, ml);
-  const acc_t scale = static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_n[c.r], p.norm));
   const long long thr = kSearch ? -1 : s->thr;
-  const int64_t base = (s->row_offset + c.r) * T;
   const int lane = threadIdx.x & 31;
   double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
-    bool ok[kU];
-    acc_t l[kU], o[kU], a[kU], w[kU];
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const Unit un(u, C, T);
+    const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_n[un.r], p.norm);
+    const acc_t scale = static_cast<acc_t>(sc);
+    const int64_t base = (s->row_offset + un.r) * T;
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
-      const bool in_range = t < c.t_end;
-      ok[u] = in_range && in.valid[i];
-      l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
-      o[u] = in_range ? in.olp[i] : acc_t(0);
-      a[u] = in_range ? in.a(c.r, t) : acc_t(0);
-      w[u] = in_range && in.isw ? in.isw[i] : acc_t(1);
-    }
+    for (int st = 0; st < kSteps; ++st) {
+      bool ok[kU];
+      acc_t l[kU], o[kU], a[kU], w[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
-      int64_t key = kNotEligible;
-      if (ok[u]) {
-        auto e = eval_token<acc_t, M>(l[u], o[u], a[u], ma, ml, p);
-        key = token_key<M>(e, base + t, p);
-        const bool sel = !kSearch && key != kNotEligible && key <= thr;
-        apply_selection<M>(e, sel, p);
-        if (in.isw) {
-          e.loss *= w[u];
-          e.grad *= w[u];
-        }
-        grad[i] = e.grad * scale;
-        selected[i] = (kSearch && M == kClipCov && e.cand) ? kCandFlag : static_cast<uint8_t>(sel);
-        v[kLoss] += e.loss;
-        v[kClip] += e.clipped;
-        v[kSel] += sel;
-        v[kCand] += e.cand;
-        v[kNegD] -= e.delta;
-        v[kAbsD] += e.delta < acc_t(0) ? -e.delta : e.delta;
-        v[kCov] += e.cov;
-        v[kBad] += (finite_(l[u]) && finite_(o[u]) && finite_(a[u]) && finite_(w[u])) ? 0 : 1;
-      } else if (t < c.t_end) {
-        grad[i] = acc_t(0);
-        selected[i] = 0;
+      for (int q = 0; q < kU; ++q) {
+        const int64_t t = un.t(st, q), i = un.r * T + t;
+        const bool in_range = t < un.t1;
+        ok[q] = in_range && in.valid[i];
+        l[q] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
+        o[q] = in_range ? in.olp[i] : acc_t(0);
+        a[q] = in_range ? in.a(un.r, t) : acc_t(0);
+        w[q] = in_range && in.isw ? in.isw[i] : acc_t(1);
       }
-      if (kSearch) {  // every lane gets here: the loop bounds are uniform over the block
-        const int d = key == kNotEligible ? -1 : static_cast<int>(key >> kTopShift);
-        const unsigned peers = __match_any_sync(0xffffffffu, d);
-        if (d >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        const int64_t t = un.t(st, q), i = un.r * T + t;
+        const bool in_range = t < un.t1;
+        int64_t key = kNotEligible;
+        if (ok[q]) {
+          auto e = eval_token<acc_t, M>(l[q], o[q], a[q], ma, ml, p);
+          key = token_key<M>(e, base + t, p);
+          const bool sel = !kSearch && key != kNotEligible && key <= thr;
+          apply_selection<M>(e, sel, p);
+          if (in.isw) {
+            e.loss *= w[q];
+            e.grad *= w[q];
+          }
+          grad[i] = e.grad * scale;
+          selected[i] = (kSearch && M == kClipCov && e.cand) ? kCandFlag : static_cast<uint8_t>(sel);
+          v[kLoss] += static_cast<double>(e.loss) * sc;
+          v[kClip] += e.clipped;
+          v[kSel] += sel;
+          v[kCand] += e.cand;
+          v[kNegD] -= e.delta;
+          v[kAbsD] += e.delta < acc_t(0) ? -e.delta : e.delta;
+          v[kCov] += e.cov;
+          v[kBad] += (finite_(l[q]) && finite_(o[q]) && finite_(a[q]) && finite_(w[q])) ? 0 : 1;
+        } else if (in_range) {
+          grad[i] = acc_t(0);
+          selected[i] = 0;
+        }
+        if (kSearch) {  // the loop bounds are uniform over the warp: every lane gets here
+          const int d = key == kNotEligible ? -1 : static_cast<int>(key >> kTopShift);
+          if (M == kKLCov && in_range) digits[i] = d < 0 ? kNoDigit : static_cast<uint16_t>(d);
+          if (kMatch) {
+            const unsigned peers = __match_any_sync(0xffffffffu, d);
+            if (d >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+          } else if (d >= 0) {
+            atomicAdd(&hist[d], 1u);
+          }
+        }
       }
     }
   }
@@ -552,7 +581,7 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   }
   block_sum(v);
   if (threadIdx.x == 0)
-    for (int j = 0; j < kNOut; ++j) out[c.part * kNOut + j] = v[j];
+    for (int j = 0; j < kNOut; ++j) out[blockIdx.x * kNOut + j] = v[j];
 }
 
 // The top digit holding the k-th smallest key.
@@ -592,63 +621,56 @@ __global__ void __launch_bounds__(kBig) select_top(State* s) {
 
 // Compacts the eligible keys whose top digit is <= s->digit (warp-aggregated atomics).
 template <typename scalar_t, typename acc_t, int M>
-__global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
-                                             uint8_t* selected, int64_t* surv) {
+__global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
+                                             Params p, State* s, uint8_t* selected, const uint16_t* digits,
+                                             int64_t* surv) {
   const int digit = s->digit;
   if (digit < 0) return;  // k = 0: nothing valid, so nothing was flagged either
-  const Chunk c(T);
   acc_t ma, ml;
   means2(s, ma, ml);
-  const int64_t base = (s->row_offset + c.r) * T;
   const int lane = threadIdx.x & 31;
-  for (int64_t t0 = c.t_begin; t0 < c.t_end; t0 += int64_t(kT) * kU) {
-    int64_t key[kU];
-    if (M == kClipCov) {  // candidates were flagged by main: their key is a hash of the index
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const Unit un(u, C, T);
+    const int64_t base = (s->row_offset + un.r) * T;
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
-        const bool cand = t < c.t_end && selected[i] == kCandFlag;
-        key[u] = cand ? clip_cov_key(p.seed_hi, base + t) : kNotEligible;
-        if (cand) selected[i] = 0;  // tail sets the selected ones
+    for (int st = 0; st < kSteps; ++st) {
+      int64_t key[kU];
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        const int64_t t = un.t(st, q), i = un.r * T + t;
+        const bool in_range = t < un.t1;
+        key[q] = kNotEligible;
+        if (M == kClipCov) {  // flagged by main; the key is a hash of the index
+          if (in_range && selected[i] == kCandFlag) {
+            key[q] = clip_cov_key(p.seed_hi, base + t);
+            selected[i] = 0;  // tail sets the selected ones
+          }
+        } else if (in_range && static_cast<int>(digits[i]) <= digit) {  // kNoDigit > any digit
+          const acc_t l = static_cast<acc_t>(in.lp[i]);
+          key[q] = token_key<M>(eval_token<acc_t, M>(l, l, in.a(un.r, t), ma, ml, p), base + t, p);
+        }
       }
-    } else {  // KL-Cov: the covariance only (no old log-prob)
-      bool ok[kU];
-      acc_t l[kU], a[kU];
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t t = t0 + u * kT + threadIdx.x, i = c.r * T + t;
-        const bool in_range = t < c.t_end;
-        ok[u] = in_range && in.valid[i];
-        l[u] = in_range ? static_cast<acc_t>(in.lp[i]) : acc_t(0);
-        a[u] = in_range ? in.a(c.r, t) : acc_t(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        key[u] = ok[u] ? token_key<M>(eval_token<acc_t, M>(l[u], l[u], a[u], ma, ml, p),
-                                      base + t0 + u * kT + threadIdx.x, p)
-                       : kNotEligible;
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const bool keep = key[u] != kNotEligible && static_cast<int>(key[u] >> kTopShift) <= digit;
-      const unsigned m = __ballot_sync(0xffffffffu, keep);
-      if (m) {
-        const int leader = __ffs(m) - 1;
-        unsigned long long pos = 0;
-        if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
-        pos = __shfl_sync(0xffffffffu, pos, leader);
-        if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key[u];
+      for (int q = 0; q < kU; ++q) {
+        const bool keep = key[q] != kNotEligible && static_cast<int>(key[q] >> kTopShift) <= digit;
+        const unsigned m = __ballot_sync(0xffffffffu, keep);
+        if (m) {
+          const int leader = __ffs(m) - 1;
+          unsigned long long pos = 0;
+          if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
+          pos = __shfl_sync(0xffffffffu, pos, leader);
+          if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key[q];
+        }
       }
     }
   }
 }
 
 // Radix select (8-bit digits below the top 12 bits) of the krem-th smallest key of bin
-// s->digit among the survivors; thread 0 writes s->thr. Called by all threads of one block.
-__device__ void finish_select(State* s, const int64_t* surv) {
+// s->digit among keys[0, n); thread 0 writes s->thr. Called by all threads of one block.
+__device__ void finish_select(State* s, const int64_t* keys, long long n) {
   __shared__ unsigned int hist[256];
   __shared__ long long sh_digit, sh_krem, sh_cnt, sh_key;
-  const long long n = static_cast<long long>(s->n_surv);
   long long prefix = static_cast<long long>(s->digit) << kTopShift;
   long long krem = s->krem;
   int hi = kTopShift;  // bits >= hi of the answer are known (prefix)
@@ -658,7 +680,7 @@ __device__ void finish_select(State* s, const int64_t* surv) {
     __syncthreads();
     const long long want = prefix >> hi;
     for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-      const long long key = surv[i];
+      const long long key = keys[i];
       if ((key >> hi) == want) atomicAdd(&hist[(key >> shift) & ((1 << w) - 1)], 1u);
     }
     __syncthreads();
@@ -678,7 +700,7 @@ __device__ void finish_select(State* s, const int64_t* surv) {
     if (cnt == 1 && hi > 0) {  // one key left in the bin: it is the k-th; find it
       const long long want1 = prefix >> hi;
       for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        const long long key = surv[i];
+        const long long key = keys[i];
         if ((key >> hi) == want1) sh_key = key;
       }
       __syncthreads();
@@ -692,20 +714,27 @@ __device__ void finish_select(State* s, const int64_t* surv) {
 // One block: [search] threshold + fix-up of the selected tokens; then loss, metrics, poison.
 template <typename scalar_t, typename acc_t, int M, bool kSearch>
 __global__ void __launch_bounds__(kBig) tail(Loader<scalar_t, acc_t> in, int64_t T, Params p, State* s,
-                                             const double* row_n, const double* out, int64_t n_part, int C,
+                                             const double* row_n, const double* out, int n_out,
                                              const int64_t* surv, acc_t* grad, uint8_t* selected, acc_t* loss,
                                              float* m, int64_t N) {
   __shared__ int sh_bad;
-  double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};  // [kLoss] = the scaled loss
+  __shared__ int64_t sh_keys[kSearch ? kShKeys : 1];
+  double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
   if (kSearch) {
-    if (s->need_select) finish_select(s, surv);  // need_select is uniform over the block
+    const long long n = static_cast<long long>(s->n_surv);
+    const int64_t* keys = surv;
+    if (n <= kShKeys) {  // uniform over the block
+      for (long long j = threadIdx.x; j < n; j += blockDim.x) sh_keys[j] = surv[j];
+      __syncthreads();
+      keys = sh_keys;
+    }
+    if (s->need_select) finish_select(s, keys, n);  // need_select is uniform over the block
     __syncthreads();
     const long long thr = s->thr;
-    const long long n = thr >= 0 ? static_cast<long long>(s->n_surv) : 0;
     acc_t ma, ml;
     means2(s, ma, ml);
-    for (long long j = threadIdx.x; j < n; j += blockDim.x) {
-      const long long key = surv[j];
+    for (long long j = threadIdx.x; thr >= 0 && j < n; j += blockDim.x) {
+      const long long key = keys[j];
       if (key > thr) continue;
       const int64_t i = key & kMaxTokens;  // per-call selection: the global index is the flat index
       const int64_t r = i / T, t = i - r * T;
@@ -725,12 +754,9 @@ __global__ void __launch_bounds__(kBig) tail(Loader<scalar_t, acc_t> in, int64_t
       v[kSel] += 1;
     }
   }
-  for (int64_t q = threadIdx.x; q < n_part; q += blockDim.x) {
-    const int64_t r = q / C;
-    v[kLoss] += out[q * kNOut + kLoss] * row_scale(p.agg, s->n_valid, s->n_seq, row_n[r], p.norm);
+  for (int b = threadIdx.x; b < n_out; b += blockDim.x)
 #pragma unroll
-    for (int j = 1; j < kNOut; ++j) v[j] += out[q * kNOut + j];
-  }
+    for (int j = 0; j < kNOut; ++j) v[j] += out[b * kNOut + j];
   block_sum(v);
   if (threadIdx.x == 0) {
     const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
@@ -756,6 +782,24 @@ void with_mode(int mode, F&& f) {
   if (mode == kPPO) f(std::integral_constant<int, kPPO>{});
   else if (mode == kClipCov) f(std::integral_constant<int, kClipCov>{});
   else f(std::integral_constant<int, kKLCov>{});
+}
+
+// Blocks of a persistent grid for `kernel`: as many as fit on the GPU at once, at most `units`.
+template <typename K>
+int persistent_grid(K kernel, int64_t units) {
+  int dev = 0, sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kT, 0));
+  const int64_t g = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+  return static_cast<int>(std::max<int64_t>(1, std::min(g, units)));
+}
+
+// COVRL_PL_MATCH=0: one shared-memory atomic per eligible token in the histogram (no
+// __match_any_sync aggregation).
+inline bool use_match() {
+  const char* e = std::getenv("COVRL_PL_MATCH");
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
 }  // namespace v2
@@ -850,51 +894,60 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B == 0) return {loss.zero_(), grad, metrics.zero_(), selected};
   if (!use_v1()) {
-    const int64_t C = (T + v2::kChunk - 1) / v2::kChunk > 0 ? (T + v2::kChunk - 1) / v2::kChunk : 1;
-    TORCH_CHECK(C <= 65535, "policy_loss: sequence length ", T, " is too long for the CUDA kernel");
-    const int64_t n_part = B * C;
-    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(C));
+    const int64_t C = std::max<int64_t>(1, (T + v2::kChunk - 1) / v2::kChunk);
+    const int64_t n_units = B * C;
     Tensor state2 = at::empty({(int64_t)sizeof(v2::State)}, opts.dtype(at::kByte));
     v2::State* s2 = reinterpret_cast<v2::State*>(state2.data_ptr());
-    Tensor part = at::empty({n_part, v2::kNPart}, opts.dtype(at::kDouble));
-    Tensor out = at::empty({n_part, v2::kNOut}, opts.dtype(at::kDouble));
+    Tensor cnt = at::empty({n_units * v2::kWarps}, opts.dtype(at::kInt));
     Tensor row_n = at::empty({B}, opts.dtype(at::kDouble));
     const bool search = p.mode != kPPO && !sel_meta.has_value();
+    const bool match = v2::use_match();
     Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
+    Tensor digits = search && p.mode == kKLCov ? at::empty({N}, opts.dtype(at::kShort)) : Tensor();
     COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const auto in = loader<scalar_t, acc_t>(q, T);
       acc_t* g = grad.data_ptr<acc_t>();
       uint8_t* sel = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
-      double* pp = part.data_ptr<double>();
-      double* op = out.data_ptr<double>();
       double* rn = row_n.data_ptr<double>();
-      v2::stats<scalar_t, acc_t><<<grid, v2::kT, 0, stream>>>(in, T, pp);
+      const int g_stats = v2::persistent_grid(v2::stats<scalar_t, acc_t>, n_units);
+      Tensor part = at::empty({2 * g_stats}, opts.dtype(at::kDouble));
+      v2::stats<scalar_t, acc_t><<<g_stats, v2::kT, 0, stream>>>(in, T, C, n_units, part.data_ptr<double>(),
+                                                                  cnt.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(pp, B, static_cast<int>(C), fraction, st, mt, rn, s2);
+      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B, C,
+                                                     fraction, st, mt, rn, s2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       v2::with_mode(p.mode, [&](auto mc) {
         constexpr int M = decltype(mc)::value;
         acc_t* lo = loss.data_ptr<acc_t>();
         float* me = metrics.data_ptr<float>();
         if (!search) {
-          v2::main_pass<scalar_t, acc_t, M, false><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, rn, g, sel, op);
+          const auto kmain = v2::main_pass<scalar_t, acc_t, M, false, false>;
+          const int gm = v2::persistent_grid(kmain, n_units);
+          Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
+          kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, rn, g, sel, nullptr, out.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, op, n_part,
-                                                                          static_cast<int>(C), nullptr, g, sel,
-                                                                          lo, me, N);
+          v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, out.data_ptr<double>(),
+                                                                          gm, nullptr, g, sel, lo, me, N);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           return;
         }
         int64_t* sv = surv.data_ptr<int64_t>();
-        v2::main_pass<scalar_t, acc_t, M, true><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, rn, g, sel, op);
+        uint16_t* dg = digits.defined() ? reinterpret_cast<uint16_t*>(digits.data_ptr<int16_t>()) : nullptr;
+        const auto kmain = match ? v2::main_pass<scalar_t, acc_t, M, true, true>
+                                 : v2::main_pass<scalar_t, acc_t, M, true, false>;
+        const int gm = v2::persistent_grid(kmain, n_units);
+        Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
+        kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, rn, g, sel, dg, out.data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         v2::select_top<<<1, v2::kBig, 0, stream>>>(s2);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::filter<scalar_t, acc_t, M><<<grid, v2::kT, 0, stream>>>(in, T, p, s2, sel, sv);
+        const auto kfilter = v2::filter<scalar_t, acc_t, M>;
+        kfilter<<<v2::persistent_grid(kfilter, n_units), v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, sel, dg, sv);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, op, n_part,
-                                                                       static_cast<int>(C), sv, g, sel, lo, me, N);
+        v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, out.data_ptr<double>(), gm,
+                                                                       sv, g, sel, lo, me, N);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
