@@ -119,16 +119,23 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         $PY -m pytest -q -ra -m gpu tests/ops -p no:cacheprovider --timeout 120
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
-    if ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
-        step "tests gpu policy nomatch" 60 "$STEPS_LOG" env COVRL_PL_MATCH=0 \
+    if [ "${PLAN:-full}" = quick ] && ((has_cuda == 1)); then
+        step "bench policy v2 +profile" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
+            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2" \
+            --out "$OUT/policy_loss_cuda_v2.md" --profile --profile-out "$OUT/profile_v2.md"
+        step "bench policy v1" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
+            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v1 \
+            --out "$OUT/policy_loss_cuda_v1.md"
+    elif ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
+        step "tests gpu policy match" 60 "$STEPS_LOG" env COVRL_PL_MATCH=1 \
             $PY -m pytest -q -ra -m gpu tests/ops/test_policy_loss.py -p no:cacheprovider --timeout 60
         note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
         step "bench policy v2 +profile" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
             $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2" \
             --out "$OUT/policy_loss_cuda_v2.md" --profile --profile-out "$OUT/profile_v2.md"
-        step "bench policy v2 nomatch" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 COVRL_PL_MATCH=0 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2, COVRL_PL_MATCH=0" \
-            --out "$OUT/policy_loss_cuda_v2_nomatch.md" --profile --profile-out "$OUT/profile_v2_nomatch.md"
+        step "bench policy v2 match" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 COVRL_PL_MATCH=1 \
+            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2, COVRL_PL_MATCH=1" \
+            --out "$OUT/policy_loss_cuda_v2_match.md" --profile --profile-out "$OUT/profile_v2_match.md"
         step "bench policy v1" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
             $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v1 \
             --out "$OUT/policy_loss_cuda_v1.md"
@@ -161,8 +168,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         | grep -v '^=====' | tail -n 25
     note "--- policy_loss v2 ---"
     rows "$OUT/policy_loss_cuda_v2.md"
-    note "--- policy_loss v2 nomatch ---"
-    rows "$OUT/policy_loss_cuda_v2_nomatch.md"
+    note "--- policy_loss v2 match ---"
+    rows "$OUT/policy_loss_cuda_v2_match.md"
     note "--- policy_loss v1 ---"
     rows "$OUT/policy_loss_cuda_v1.md"
     for f in logprob_entropy_cuda; do
@@ -171,7 +178,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
     done
     note "--- profile_lpe ---"
     rows "$OUT/profile_lpe.md" | cut -c1-160
-    for v in v2 v2_nomatch v1; do
+    for v in v2 v2_match v1; do
         if [ -f "$OUT/profile_$v.md" ]; then
             note "--- profile $v (top kernels per mode) ---"
             awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' "$OUT/profile_$v.md" \

@@ -463,12 +463,16 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
     v[0] += part[2 * b];
     v[1] += part[2 * b + 1];
   }
-  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  for (int64_t r = threadIdx.x >> 5; r < B; r += nw) {  // one warp per row (uniform in the warp)
     long long n = 0;
-    for (int64_t j = 0; j < C * kWarps; ++j) n += cnt[r * C * kWarps + j];
-    row_n[r] = static_cast<double>(n);
-    v[2] += static_cast<double>(n);
-    v[3] += n > 0 ? 1 : 0;
+    for (int64_t j = lane; j < C * kWarps; j += 32) n += cnt[r * C * kWarps + j];
+    for (int o = 16; o > 0; o >>= 1) n += __shfl_down_sync(0xffffffffu, n, o);
+    if (lane == 0) {
+      row_n[r] = static_cast<double>(n);
+      v[2] += static_cast<double>(n);
+      v[3] += n > 0 ? 1 : 0;
+    }
   }
   block_sum(v);
   if (threadIdx.x != 0) return;
@@ -795,11 +799,12 @@ int persistent_grid(K kernel, int64_t units) {
   return static_cast<int>(std::max<int64_t>(1, std::min(g, units)));
 }
 
-// COVRL_PL_MATCH=0: one shared-memory atomic per eligible token in the histogram (no
-// __match_any_sync aggregation).
+// COVRL_PL_MATCH=1: aggregate the histogram's shared-memory atomics per warp with
+// __match_any_sync. Measured slower on an H100 (KL-Cov main pass 42.5 vs 34.5 us at 512x8192),
+// so the default is one atomic per eligible token.
 inline bool use_match() {
   const char* e = std::getenv("COVRL_PL_MATCH");
-  return e == nullptr || std::strcmp(e, "0") != 0;
+  return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
 }  // namespace v2
