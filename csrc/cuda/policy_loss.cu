@@ -1,6 +1,8 @@
 // CUDA kernel of the PPO / Clip-Cov / KL-Cov policy loss (spec: covrl/reference.py).
 //
-// COMPILE-CHECKED ONLY: no GPU was available when this was written (see docs/policy_loss.md).
+// Tested and timed on an H100 (2026-11-26): benchmarks/results/policy_loss_cuda.md and
+// gpu_session_2026-11-26.md. Two versions: v2 (default, below v1) and v1, the first kernel,
+// kept as the measured baseline (COVRL_PL_CUDA_IMPL=v1). The v1 description follows.
 //
 // No host synchronisation and no data-dependent shapes: every count, threshold and mean
 // lives in a DevState struct in device memory, so the whole forward can be captured in a
@@ -463,16 +465,14 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
     v[0] += part[2 * b];
     v[1] += part[2 * b + 1];
   }
-  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  for (int64_t r = threadIdx.x >> 5; r < B; r += nw) {  // one warp per row (uniform in the warp)
+  // Serial over a row's C * 8 per-warp counts: 11.3 us at 512x8192 on an H100, the largest of
+  // the small kernels. One warp per row is the next step (not yet measured on a GPU).
+  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
     long long n = 0;
-    for (int64_t j = lane; j < C * kWarps; j += 32) n += cnt[r * C * kWarps + j];
-    for (int o = 16; o > 0; o >>= 1) n += __shfl_down_sync(0xffffffffu, n, o);
-    if (lane == 0) {
-      row_n[r] = static_cast<double>(n);
-      v[2] += static_cast<double>(n);
-      v[3] += n > 0 ? 1 : 0;
-    }
+    for (int64_t j = 0; j < C * kWarps; ++j) n += cnt[r * C * kWarps + j];
+    row_n[r] = static_cast<double>(n);
+    v[2] += static_cast<double>(n);
+    v[3] += n > 0 ? 1 : 0;
   }
   block_sum(v);
   if (threadIdx.x != 0) return;
