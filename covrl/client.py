@@ -424,7 +424,7 @@ class RolloutClient(_Client):
             yield _result_from_proto(r)
 
     def update_weights(
-        self, named_tensors, version: int = 0, *, chunk_bytes: int = 16 * 2**20, dtype=None,
+        self, named_tensors, version: int = 0, *, chunk_bytes: int = 4 * 2**20, dtype=None,
         timeout_s: float | None = None,
     ) -> UpdateWeightsResult:
         """Push tensors (a ``{name: Tensor}`` mapping or an iterator of (name, Tensor)) as ``version``.

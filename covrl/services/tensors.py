@@ -20,7 +20,7 @@ import torch
 from covrl._proto.v1 import rollout_pb2
 from covrl.services.common import InvalidArgument, ResourceExhausted
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20  # fewer, larger messages: measured fastest; fits the 64 MiB limit
+DEFAULT_CHUNK_BYTES = 4 * 2**20  # fastest of 1/4/16 MiB in two idle loopback runs (benchmarks/results/services_cpu.md)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
