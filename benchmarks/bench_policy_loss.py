@@ -12,8 +12,8 @@ On CPU it times with perf_counter (median of --reps). On CUDA it times with CUDA
 reports microseconds and the share of the memory roofline (bytes a fused op must move: read
 log_prob, old_log_prob, advantages, mask; write d loss / d log_prob; at --peak-gbps). On CUDA
 it also times covrl's forward + backward captured once in a CUDA graph and replayed
-(--graph-reps replays, no host launch overhead), and records COVRL_PL_CUDA_IMPL (the CUDA
-kernel version, v1 or v2; default v2). --profile (CUDA) runs torch.profiler over a few eager
+(--graph-reps replays, no host launch overhead); --impl-label names the kernel version in the
+results header. --profile (CUDA) runs torch.profiler over a few eager
 covrl steps per mode at --profile-shape and writes a per-kernel table to --profile-out.
 Writes a markdown table (benchmarks/results/policy_loss_<device>.md by default).
 """
@@ -278,10 +278,8 @@ def main():
         args.reps = 20 if cuda else 5
     warnings.filterwarnings("ignore")
     info = covrl.kernel_info()
-    pl_impl = os.environ.get("COVRL_PL_CUDA_IMPL", "v2")
-    label = f"impl label: {args.impl_label}; " if args.impl_label else ""
-    note = (f"Machine: {machine(dev)}; torch {torch.__version__}; covrl kernels: {info['backends']}; "
-            f"{label}COVRL_PL_CUDA_IMPL={pl_impl}.")
+    label = f"; impl label: {args.impl_label}" if args.impl_label else ""
+    note = f"Machine: {machine(dev)}; torch {torch.__version__}; covrl kernels: {info['backends']}{label}."
     print(note, flush=True)
     want_profile = args.profile or args.profile_only
     if want_profile and not cuda:
@@ -290,7 +288,7 @@ def main():
         run_table(args, dev, info, note)
     if want_profile:
         out = args.profile_out or os.path.join(os.path.dirname(__file__), "results",
-                                               f"policy_loss_profile_{pl_impl}.md")
+                                               "policy_loss_cuda_profile.md")
         profile_covrl(args.profile_shape[0], args.profile_steps, out, note)
 
 

@@ -3,20 +3,20 @@
 #
 #   bash benchmarks/gpu_session.sh            (from the repo root; device run with carry [".whl"])
 #
-# Everything lands flat under $OUT (8 files at most):
-#   session.log                 this script's output (steps, summary)
-#   build.log                   pip -v build output
-#   steps.log                   pytest and benchmark output
-#   policy_loss_cuda_v2.md      bench_policy_loss.py, COVRL_PL_CUDA_IMPL=v2
-#   policy_loss_cuda_v1.md      bench_policy_loss.py, COVRL_PL_CUDA_IMPL=v1
-#   logprob_entropy_cuda.md     bench_logprob_entropy.py (covrl vs eager vs Liger)
-#   profile_v2.md / profile_v1.md   per-kernel tables (torch.profiler) at 512x8192
+# Everything lands flat under $OUT:
+#   steps.log                   build, pytest and benchmark output (this script's own output
+#                               goes to $SESSION_LOG, default /tmp/gpu_session.log)
+#   policy_loss_cuda.md         bench_policy_loss.py (covrl vs eager reference vs verl-style)
+#   policy_loss_cuda_profile.md per-kernel table (torch.profiler) at 512x8192
+#   logprob_entropy_cuda.md     bench_logprob_entropy.py (covrl vs eager vs Liger)   [PLAN=full]
+#   logprob_entropy_profile.md  per-kernel table of the logits kernels               [PLAN=full]
 #
 # Each step runs under `timeout` and never past the session deadline (BUDGET seconds after
 # the start, default 420); a failed step does not stop the next one. The summary at the end
 # is compact because the device reply keeps only the last 12,000 characters of output.
 #
 # Knobs (env): PY (python, default python3), OUT (default /tmp/out), BUDGET (seconds),
+# PLAN (full, the default, or policy: skip the logits benchmark),
 # SKIP_BUILD=1 (use the installed build; for a local dry run), FORCE=1 (run the benchmarks
 # even when covrl has no CUDA kernels).
 set -u
@@ -113,43 +113,23 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         SUMMARY+=("$(printf '%-28s %-8s' kernel_info NO_CUDA)")
     fi
 
-    # --- value order: GPU tests, policy bench v2 (+profile) and v1 (baseline, same run), logprob
-    # bench (COVRL_LPE_UNROLL=1 all variants + profile; 2 and 4 on the covrl/Liger subset) ----------
-    step "tests gpu v2" 150 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
+    # --- value order: GPU tests, policy-loss benchmark + profile, logits benchmark + profile ------
+    step "tests gpu" 150 "$STEPS_LOG" \
         $PY -m pytest -q -ra -m gpu tests/ops -p no:cacheprovider --timeout 120
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
-    if [ "${PLAN:-full}" = quick ] && ((has_cuda == 1)); then
-        step "bench policy v2 +profile" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2" \
-            --out "$OUT/policy_loss_cuda_v2.md" --profile --profile-out "$OUT/profile_v2.md"
-        step "bench policy v1" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v1 \
-            --out "$OUT/policy_loss_cuda_v1.md"
-    elif ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
-        step "tests gpu policy match" 60 "$STEPS_LOG" env COVRL_PL_MATCH=1 \
-            $PY -m pytest -q -ra -m gpu tests/ops/test_policy_loss.py -p no:cacheprovider --timeout 60
-        note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
-        step "bench policy v2 +profile" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2" \
-            --out "$OUT/policy_loss_cuda_v2.md" --profile --profile-out "$OUT/profile_v2.md"
-        step "bench policy v2 match" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v2 COVRL_PL_MATCH=1 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label "v2, COVRL_PL_MATCH=1" \
-            --out "$OUT/policy_loss_cuda_v2_match.md" --profile --profile-out "$OUT/profile_v2_match.md"
-        step "bench policy v1" 90 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
-            $PY benchmarks/bench_policy_loss.py --device cuda --impl-label v1 \
-            --out "$OUT/policy_loss_cuda_v1.md"
+    if ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
+        step "bench policy_loss +profile" 90 "$STEPS_LOG" \
+            $PY benchmarks/bench_policy_loss.py --device cuda \
+            --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md"
         if [ "${PLAN:-full}" = full ]; then
-            step "bench logprob u1 +profile" 120 "$STEPS_LOG" env COVRL_LPE_UNROLL=1 \
-                $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 --out "$OUT/logprob_entropy_cuda.md" \
-                --profile-out "$OUT/profile_lpe.md"
+            step "bench logprob_entropy +profile" 120 "$STEPS_LOG" \
+                $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 \
+                --out "$OUT/logprob_entropy_cuda.md" --profile-out "$OUT/logprob_entropy_profile.md"
         fi
     else
         note "benchmarks skipped: no CUDA kernels (FORCE=1 runs them anyway)"
     fi
-    step "tests gpu v1 (policy)" 60 "$STEPS_LOG" env COVRL_PL_CUDA_IMPL=v1 \
-        $PY -m pytest -q -ra -m gpu tests/ops/test_policy_loss.py -p no:cacheprovider --timeout 60
-    note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
     # --- summary -------------------------------------------------------------------------------
     note ""
@@ -160,31 +140,23 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
     note "kernel_info: $info"
     printf '%s\n' "${SUMMARY[@]}"
     if [ "$build_status" = FAILED ]; then
-        note "--- build.log (tail) ---"
+        note "--- build output (tail) ---"
         tail -n 40 "$BUILD_LOG"
     fi
     note "--- pytest (failures / result lines) ---"
     grep -E '^(FAILED|ERROR)|^E  |Timeout|[0-9]+ (passed|failed|skipped|deselected)|no tests ran' "$STEPS_LOG" \
         | grep -v '^=====' | tail -n 25
-    note "--- policy_loss v2 ---"
-    rows "$OUT/policy_loss_cuda_v2.md"
-    note "--- policy_loss v2 match ---"
-    rows "$OUT/policy_loss_cuda_v2_match.md"
-    note "--- policy_loss v1 ---"
-    rows "$OUT/policy_loss_cuda_v1.md"
-    for f in logprob_entropy_cuda; do
-        note "--- $f ---"
-        rows "$OUT/$f.md"
-    done
-    note "--- profile_lpe ---"
-    rows "$OUT/profile_lpe.md" | cut -c1-160
-    for v in v2 v2_match v1; do
-        if [ -f "$OUT/profile_$v.md" ]; then
-            note "--- profile $v (top kernels per mode) ---"
-            awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' "$OUT/profile_$v.md" \
-                | cut -c1-200
-        fi
-    done
+    note "--- policy_loss ---"
+    rows "$OUT/policy_loss_cuda.md"
+    if [ -f "$OUT/policy_loss_cuda_profile.md" ]; then
+        note "--- policy_loss profile (top kernels per mode) ---"
+        awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' \
+            "$OUT/policy_loss_cuda_profile.md" | cut -c1-200
+    fi
+    note "--- logprob_entropy ---"
+    rows "$OUT/logprob_entropy_cuda.md"
+    note "--- logprob_entropy profile ---"
+    rows "$OUT/logprob_entropy_profile.md" | cut -c1-160
     note "--- benchmark errors (if any) ---"
     grep -E 'Traceback|Error|error:|failed' "$STEPS_LOG" | grep -v -E '^(FAILED|ERROR) |^E  ' | sort | uniq -c \
         | sort -rn | head -n 12 | cut -c1-240

@@ -249,5 +249,24 @@ inline void check_inputs(const at::Tensor& lp, const at::Tensor& olp, const at::
                     lp.numel());
 }
 
+// The inputs as the kernels read them: contiguous, old_log_prob / advantages / is_weights in
+// the accumulation dtype, the mask as bool (log_prob keeps its own dtype).
+struct Prepared {
+  at::Tensor lp, olp, adv, valid, isw;
+  bool adv_row;
+};
+
+inline Prepared prepare(const at::Tensor& lp, const at::Tensor& olp, const at::Tensor& adv,
+                        const at::Tensor& mask, const c10::optional<at::Tensor>& isw, at::ScalarType acc) {
+  Prepared q;
+  q.lp = lp.contiguous();
+  q.olp = olp.to(acc).contiguous();
+  q.adv = adv.to(acc).contiguous();
+  q.adv_row = adv.dim() == 1;
+  q.valid = mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0).contiguous();
+  if (isw.has_value()) q.isw = isw->to(acc).contiguous();
+  return q;
+}
+
 }  // namespace pl
 }  // namespace covrl

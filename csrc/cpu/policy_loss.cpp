@@ -29,23 +29,6 @@ inline bool finite(T x) {
   return std::isfinite(static_cast<double>(x));
 }
 
-struct Prepared {
-  Tensor lp, olp, adv, valid, isw;
-  bool adv_row;
-};
-
-Prepared prepare(const Tensor& lp, const Tensor& olp, const Tensor& adv, const Tensor& mask,
-                 const c10::optional<Tensor>& isw, at::ScalarType acc) {
-  Prepared q;
-  q.lp = lp.contiguous();
-  q.olp = olp.to(acc).contiguous();
-  q.adv = adv.to(acc).contiguous();
-  q.adv_row = adv.dim() == 1;
-  q.valid = mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0).contiguous();
-  if (isw.has_value()) q.isw = isw->to(acc).contiguous();
-  return q;
-}
-
 inline int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
 template <typename scalar_t>

@@ -26,9 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
 #include <limits>
-#include <type_traits>
 
 #include "dispatch.h"
 #include "logprob_entropy_args.h"
@@ -170,7 +168,7 @@ __device__ __forceinline__ int64_t head_len(const scalar_t* row, int64_t V) {
   return h < V ? h : V;
 }
 
-template <typename scalar_t, int U>
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const scalar_t* __restrict__ x,
                                                            const int64_t* __restrict__ labels,
                                                            at::opmath_type<scalar_t>* __restrict__ lp,
@@ -191,19 +189,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const scala
     add(st, y);
   }
   const Pack<scalar_t>* body = reinterpret_cast<const Pack<scalar_t>*>(row + head);
-  // U packs per thread per iteration: U independent 16-byte loads in flight, one rescale.
-  for (int64_t k = threadIdx.x; k < nvec; k += int64_t(kThreads) * U) {
-    Pack<scalar_t> pk[U];
+  for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
+    const Pack<scalar_t> pk = body[k];
+    acc_t y[kN];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (k + u * kThreads < nvec) pk[u] = body[k + u * kThreads];
-    acc_t y[U * kN];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int q = 0; q < kN; ++q)
-        y[u * kN + q] = k + u * kThreads < nvec ? static_cast<acc_t>(pk[u].v[q]) * scale
-                                                : -std::numeric_limits<acc_t>::infinity();
+    for (int q = 0; q < kN; ++q) y[q] = static_cast<acc_t>(pk.v[q]) * scale;
     add(st, y);
   }
   for (int64_t j = head + nvec * kN + threadIdx.x; j < V; j += kThreads) {
@@ -225,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, const scala
   }
 }
 
-template <typename scalar_t, int U>
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Params p, const scalar_t* x, scalar_t* out,
                                                             const int64_t* __restrict__ labels,
                                                             const at::opmath_type<scalar_t>* __restrict__ lse,
@@ -269,37 +259,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params p, const scal
   }
   const Pack<scalar_t>* body = reinterpret_cast<const Pack<scalar_t>*>(row + head);
   Pack<scalar_t>* obody = reinterpret_cast<Pack<scalar_t>*>(orow + head);
-  for (int64_t k = threadIdx.x; k < nvec; k += int64_t(kThreads) * U) {
-    Pack<scalar_t> pk[U];
+  for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
+    const Pack<scalar_t> pk = body[k];
+    Pack<scalar_t> ok;
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (k + u * kThreads < nvec) pk[u] = body[k + u * kThreads];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t kk = k + u * kThreads;
-      if (kk >= nvec) break;
-      Pack<scalar_t> ok;
-#pragma unroll
-      for (int q = 0; q < kN; ++q) {
-        ok.v[q] = static_cast<scalar_t>(grad(static_cast<acc_t>(pk[u].v[q]), head + kk * kN + q));
-      }
-      obody[kk] = ok;
+    for (int q = 0; q < kN; ++q) {
+      ok.v[q] = static_cast<scalar_t>(grad(static_cast<acc_t>(pk.v[q]), head + k * kN + q));
     }
+    obody[k] = ok;
   }
   for (int64_t j = body_end + threadIdx.x; j < V; j += kThreads) {
     orow[j] = static_cast<scalar_t>(grad(static_cast<acc_t>(row[j]), j));
   }
-}
-
-// Packs per thread per loop iteration: COVRL_LPE_UNROLL = 1, 2 or 4 (default 1; a tuning knob
-// measured in benchmarks/results/logprob_entropy_cuda.md).
-template <typename F>
-void with_unroll(F&& f) {
-  const char* e = std::getenv("COVRL_LPE_UNROLL");
-  const int u = e ? std::atoi(e) : 1;
-  if (u == 4) f(std::integral_constant<int, 4>{});
-  else if (u == 2) f(std::integral_constant<int, 2>{});
-  else f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace lpe_cuda
@@ -332,13 +303,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lpe_forward_cuda(const at::Tensor
   auto stream = c10::cuda::getCurrentCUDAStream();
   COVRL_DISPATCH_FLOAT(x.scalar_type(), "covrl::logprob_entropy_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    lpe_cuda::with_unroll([&](auto uc) {
-      lpe_cuda::forward_kernel<scalar_t, decltype(uc)::value>
-          <<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
-              p, x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(),
-              ent.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    lpe_cuda::forward_kernel<scalar_t><<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
+        p, x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(),
+        ent.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {lp, ent, lse};
 }
@@ -371,14 +339,11 @@ void lpe_backward_into(const at::Tensor& out, const at::Tensor& grad_log_prob,
   auto stream = c10::cuda::getCurrentCUDAStream();
   COVRL_DISPATCH_FLOAT(x.scalar_type(), "covrl::logprob_entropy_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    lpe_cuda::with_unroll([&](auto uc) {
-      lpe_cuda::backward_kernel<scalar_t, decltype(uc)::value>
-          <<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
-              p, x.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-              l.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(), glp.const_data_ptr<acc_t>(),
-              gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    lpe_cuda::backward_kernel<scalar_t><<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
+        p, x.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+        l.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(), glp.const_data_ptr<acc_t>(),
+        gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

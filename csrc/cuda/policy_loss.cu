@@ -1,25 +1,13 @@
-// CUDA kernel of the PPO / Clip-Cov / KL-Cov policy loss (spec: covrl/reference.py).
+// CUDA kernels of the PPO / Clip-Cov / KL-Cov policy loss (spec: covrl/reference.py).
 //
 // Tested and timed on an H100 (2026-11-26): benchmarks/results/policy_loss_cuda.md and
-// gpu_session_2026-11-26.md. Two versions: v2 (default, below v1) and v1, the first kernel,
-// kept as the measured baseline (COVRL_PL_CUDA_IMPL=v1). The v1 description follows.
+// gpu_session_2026-11-26.md. The forward is the second design ("v2" in those files); the
+// first (v1: an int64 key buffer, an 8-round radix select, single-thread finalisers, 23
+// launches, 3.6-4.1x slower) was removed after it was measured; it is in git (86efc0b).
 //
 // No host synchronisation and no data-dependent shapes: every count, threshold and mean
-// lives in a DevState struct in device memory, so the whole forward can be captured in a
-// CUDA graph. Launch sequence (all on the current stream):
-//   1. row_stats       one block per row: valid-token sums (fixed-order block reduction)
-//   2. finalize_stats  one thread: combine rows in row order (same order as the CPU kernel),
-//                      means, k, or the global sums / threshold of covrl.compute_selection
-//   3. key_hist        (per-call Clip-Cov / KL-Cov) each token's 63-bit selection key
-//                      + histogram of its top 8-bit digit
-//   4. radix select    8 rounds: select_digit picks the digit holding the k-th key, filter
-//                      compacts the keys still matching the prefix and histograms the next
-//                      digit (the survivors shrink fast, so rounds 3..8 touch few keys)
-//   5. main            one block per row: fused loss + d loss / d log_prob, selected mask,
-//                      row partials of loss and metrics
-//   6. finalize_loss   one thread: loss and metrics in row order; a non-finite unmasked
-//                      input makes the loss NaN and counts it in metrics[kNonFinite]
-//   7. poison_grad     zeroes the gradient when (and only when) that count is non-zero
+// lives in device memory, so the forward and backward can be captured in a CUDA graph.
+
 // CPU torch wheels (used for the compile check) lack this generated header; on Linux it
 // only feeds the Windows export macros, so skipping it changes nothing.
 #if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
@@ -28,13 +16,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "dispatch.h"
@@ -45,20 +30,6 @@ namespace {
 
 using at::Tensor;
 using namespace pl;
-namespace cg = cooperative_groups;
-
-constexpr int kThreads = 256;
-constexpr int kBins = 256;  // 8-bit radix digits
-constexpr int kRowStats1 = 4;  // sum A, sum logp, n, n_bad
-enum RowStat : int { kLossSum, kNClipped, kNSel, kNCand, kNegDelta, kAbsDeltaSum, kCovSum, kRowStats };
-
-struct DevState {
-  double sum_a, sum_lp, n_valid, n_seq;  // means / denominators (global with a selection)
-  double n_valid_local, n_bad;
-  long long k, krem, prefix, n_eligible, thr, row_offset;
-  unsigned long long count[2];
-  unsigned int hist[kBins];
-};
 
 // Deterministic block sum of N doubles (fixed shuffle trees: lanes, then the warps' partials
 // in warp 0); the result is in thread 0. Safe to call more than once per kernel.
@@ -99,84 +70,31 @@ __device__ bool finite_(acc_t x) {
   return isfinite(x);
 }
 
+// ------------------------------------------------------------------------------------------
+// covrl::policy_loss_keys (covrl.compute_selection): each token's selection key under the
+// global means of sel_stats, one block per row.
+
+constexpr int kKeyThreads = 256;
+
+struct KeyState {
+  double sum_a, sum_lp, n_valid, n_seq;  // the global sums of covrl.compute_selection
+  long long thr, row_offset;
+};
+
+__global__ void init_keys_state(const double* sel_stats, const int64_t* sel_meta, KeyState* s) {
+  s->sum_a = sel_stats[0];
+  s->sum_lp = sel_stats[1];
+  s->n_valid = sel_stats[2];
+  s->n_seq = sel_stats[3];
+  s->thr = sel_meta[0];
+  s->row_offset = sel_meta[1];
+}
+
 template <typename scalar_t, typename acc_t>
-__global__ void row_stats(Loader<scalar_t, acc_t> in, int64_t T, double* row_part) {
+__global__ void key_kernel(Loader<scalar_t, acc_t> in, int64_t T, Params p, const KeyState* s, int64_t* keys) {
   const int64_t r = blockIdx.x;
-  double v[kRowStats1] = {0, 0, 0, 0};
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    const int64_t i = r * T + t;
-    if (!in.valid[i]) continue;
-    const acc_t l = static_cast<acc_t>(in.lp[i]), a = in.a(r, t);
-    const bool ok = finite_(l) && finite_(in.olp[i]) && finite_(a) && (!in.isw || finite_(in.isw[i]));
-    v[0] += a;
-    v[1] += l;
-    v[2] += 1;
-    v[3] += ok ? 0 : 1;
-  }
-  block_sum(v);
-  if (threadIdx.x == 0)
-    for (int j = 0; j < kRowStats1; ++j) row_part[r * kRowStats1 + j] = v[j];
-}
-
-__device__ void load_selection(DevState* s, const double* sel_stats, const int64_t* sel_meta) {
-  if (sel_stats) {
-    s->sum_a = sel_stats[0];
-    s->sum_lp = sel_stats[1];
-    s->n_valid = sel_stats[2];
-    s->n_seq = sel_stats[3];
-  }
-  if (sel_meta) {
-    s->thr = sel_meta[0];
-    s->row_offset = sel_meta[1];
-  }
-}
-
-__global__ void finalize_stats(const double* row_part, int64_t B, double fraction, const double* sel_stats,
-                               const int64_t* sel_meta, DevState* s) {
-  double sa = 0, sl = 0, n = 0, ns = 0, bad = 0;
-  for (int64_t r = 0; r < B; ++r) {  // row order, like the CPU kernel
-    sa += row_part[r * kRowStats1 + 0];
-    sl += row_part[r * kRowStats1 + 1];
-    n += row_part[r * kRowStats1 + 2];
-    ns += row_part[r * kRowStats1 + 2] > 0 ? 1 : 0;
-    bad += row_part[r * kRowStats1 + 3];
-  }
-  s->sum_a = sa;
-  s->sum_lp = sl;
-  s->n_valid = n;
-  s->n_seq = ns;
-  s->n_valid_local = n;
-  s->n_bad = bad;
-  s->thr = -1;
-  s->row_offset = 0;
-  load_selection(s, sel_stats, sel_meta);
-  s->k = select_count(fraction, n);
-  s->krem = s->k;
-  s->prefix = 0;
-  s->n_eligible = 0;
-}
-
-__global__ void init_keys_state(const double* sel_stats, const int64_t* sel_meta, DevState* s) {
-  load_selection(s, sel_stats, sel_meta);
-}
-
-template <typename acc_t>
-__device__ void means(const DevState* s, acc_t& ma, acc_t& ml) {
   const double n = s->n_valid > 1 ? s->n_valid : 1.0;
-  ma = static_cast<acc_t>(s->sum_a / n);
-  ml = static_cast<acc_t>(s->sum_lp / n);
-}
-
-// Selection key of every token; with_hist also histograms the top digit (bits 56..62).
-template <typename scalar_t, typename acc_t>
-__global__ void key_hist(Loader<scalar_t, acc_t> in, int64_t T, Params p, DevState* s, int64_t* keys,
-                         bool with_hist) {
-  __shared__ unsigned int hist[kBins];
-  for (int j = threadIdx.x; j < kBins; j += blockDim.x) hist[j] = 0;
-  __syncthreads();
-  const int64_t r = blockIdx.x;
-  acc_t ma, ml;
-  means(s, ma, ml);
+  const acc_t ma = static_cast<acc_t>(s->sum_a / n), ml = static_cast<acc_t>(s->sum_lp / n);
   const int64_t base = (s->row_offset + r) * T;
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
     const int64_t i = r * T + t;
@@ -186,141 +104,12 @@ __global__ void key_hist(Loader<scalar_t, acc_t> in, int64_t T, Params p, DevSta
       key = token_key(e, base + t, p);
     }
     keys[i] = key;
-    if (with_hist && key != kNotEligible) atomicAdd(&hist[(key >> 56) & 0xFF], 1u);
   }
-  if (!with_hist) return;
-  __syncthreads();
-  for (int j = threadIdx.x; j < kBins; j += blockDim.x)
-    if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
 }
-
-// Pick the digit at `shift` that holds the krem-th key; reset the histogram and the next count.
-__global__ void select_digit(DevState* s, int shift, int round) {
-  if (round == 0) {
-    long long n = 0;
-    for (int d = 0; d < kBins; ++d) n += s->hist[d];
-    s->n_eligible = n;
-  }
-  long long cum = 0;
-  int d = 0;
-  for (; d < kBins - 1; ++d) {
-    if (cum + (long long)s->hist[d] >= s->krem) break;
-    cum += s->hist[d];
-  }
-  s->krem -= cum;
-  s->prefix |= (long long)d << shift;
-  for (int j = 0; j < kBins; ++j) s->hist[j] = 0;
-  s->count[(round + 1) & 1] = 0;
-  if (shift == 0)  // last round: the threshold
-    s->thr = s->k <= 0 ? -1 : (s->n_eligible < s->k ? kNotEligible - 1 : s->prefix);
-}
-
-// Keep the keys matching the prefix above `shift` + 8; histogram their digit at `shift`.
-__global__ void filter(const int64_t* in, const unsigned long long* in_count, int64_t n_all,
-                       int64_t* out, int out_slot, DevState* s, int shift) {
-  __shared__ unsigned int hist[kBins];
-  for (int j = threadIdx.x; j < kBins; j += blockDim.x) hist[j] = 0;
-  __syncthreads();
-  const int64_t n = in_count ? (int64_t)*in_count : n_all;
-  const long long want = s->prefix >> (shift + 8);
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t key = in[i];
-    if (key == kNotEligible || (key >> (shift + 8)) != want) continue;
-    // One atomic per warp, not per key: round 1 keeps the whole top-digit bin of the k-th
-    // key (~10% of the tokens for KL-Cov covariances), all on this one counter.
-    const auto g = cg::coalesced_threads();
-    unsigned long long pos = 0;
-    if (g.thread_rank() == 0) pos = atomicAdd(&s->count[out_slot], static_cast<unsigned long long>(g.size()));
-    out[g.shfl(pos, 0) + g.thread_rank()] = key;
-    atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < kBins; j += blockDim.x)
-    if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void main_pass(Loader<scalar_t, acc_t> in, int64_t T, Params p, const DevState* s,
-                          const double* row_part, acc_t* grad, bool* selected, double* row_out) {
-  const int64_t r = blockIdx.x;
-  acc_t ma, ml;
-  means(s, ma, ml);
-  const acc_t scale =
-      static_cast<acc_t>(row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kRowStats1 + 2], p.norm));
-  const long long thr = s->thr;
-  const int64_t base = (s->row_offset + r) * T;
-  double v[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-    const int64_t i = r * T + t;
-    if (!in.valid[i]) {
-      grad[i] = acc_t(0);
-      selected[i] = false;
-      continue;
-    }
-    auto e = eval_token<acc_t>(static_cast<acc_t>(in.lp[i]), in.olp[i], in.a(r, t), ma, ml, p);
-    const int64_t key = token_key(e, base + t, p);
-    const bool sel = key != kNotEligible && key <= thr;
-    apply_selection(e, sel, p);
-    if (in.isw) {
-      e.loss *= in.isw[i];
-      e.grad *= in.isw[i];
-    }
-    grad[i] = e.grad * scale;
-    selected[i] = sel;
-    v[kLossSum] += e.loss;
-    v[kNClipped] += e.clipped;
-    v[kNSel] += sel;
-    v[kNCand] += e.cand;
-    v[kNegDelta] -= e.delta;
-    v[kAbsDeltaSum] += e.delta < acc_t(0) ? -e.delta : e.delta;
-    v[kCovSum] += e.cov;
-  }
-  block_sum(v);
-  if (threadIdx.x == 0)
-    for (int j = 0; j < kRowStats; ++j) row_out[r * kRowStats + j] = v[j];
-}
-
-template <typename acc_t>
-__global__ void finalize_loss(const double* row_part, const double* row_out, int64_t B, Params p,
-                              const DevState* s, acc_t* loss, float* m) {
-  double l = 0, tot[kRowStats] = {0, 0, 0, 0, 0, 0, 0};
-  for (int64_t r = 0; r < B; ++r) {
-    l += row_out[r * kRowStats + kLossSum] *
-         row_scale(p.agg, s->n_valid, s->n_seq, row_part[r * kRowStats1 + 2], p.norm);
-    for (int j = 0; j < kRowStats; ++j) tot[j] += row_out[r * kRowStats + j];
-  }
-  const double nl = s->n_valid_local, d = nl > 1 ? nl : 1.0;
-  *loss = static_cast<acc_t>(s->n_bad > 0 ? NAN : l);
-  m[kClipFrac] = static_cast<float>(tot[kNClipped] / d);
-  m[kSelectedFrac] = static_cast<float>(tot[kNSel] / d);
-  m[kNCandidates] = static_cast<float>(p.mode == kClipCov ? tot[kNCand] : p.mode == kKLCov ? nl : 0.0);
-  m[kApproxKL] = static_cast<float>(tot[kNegDelta] / d);
-  m[kAbsDelta] = static_cast<float>(tot[kAbsDeltaSum] / d);
-  m[kCovMean] = static_cast<float>(tot[kCovSum] / d);
-  m[kNValid] = static_cast<float>(nl);
-  m[kK] = static_cast<float>(p.mode == kPPO ? 0 : s->k);
-  m[kNonFinite] = static_cast<float>(s->n_bad);
-}
-
-template <typename acc_t>
-__global__ void poison_grad(const DevState* s, acc_t* grad, int64_t n) {
-  if (s->n_bad == 0) return;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    grad[i] = acc_t(0);
-}
-
-// Grid of the grid-stride kernels: 4 blocks per SM (an attribute query, not a stream op).
-int stride_grid() {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return 4 * sms;
-}
-
 
 // ------------------------------------------------------------------------------------------
-// v2 (default): fewer bytes, persistent blocks, no single-thread loops. COVRL_PL_CUDA_IMPL=v1
-// selects v1 above (kept as the measured baseline, see benchmarks/results/policy_loss_cuda.md).
+// covrl::policy_loss_fwd
+// Forward: fewer bytes, persistent blocks, no single-thread loops.
 // The token kernels run a persistent grid (as many blocks as fit on the GPU at once). Their
 // work comes in units of kChunk tokens of one row; each warp takes its own 256 tokens of a
 // unit, so there is no block barrier per unit. Sums are per block (fixed unit-to-block
@@ -341,8 +130,8 @@ int stride_grid() {
 //                     memory when they fit); the selected tokens' gradient, flag and loss
 //                     change; loss and metrics; zeroes the gradient when an unmasked input
 //                     was non-finite (the loss is then NaN).
-// fp32 forward + backward bytes per token: ~39 (KL-Cov), ~36 (Clip-Cov), ~35 (ppo), against
-// ~68 for v1, in 6 launches (v1: 23) plus autograd's multiply by the incoming gradient.
+// fp32 forward + backward bytes per token: ~39 (KL-Cov), ~36 (Clip-Cov), ~35 (ppo), in 6
+// launches plus autograd's multiply by the incoming gradient.
 namespace v2 {
 
 constexpr int kT = 256;                         // threads of the token kernels
@@ -502,9 +291,10 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
 }
 
 // kSearch: no threshold yet; the loss and gradient are computed unselected (tail corrects
-// the selected tokens) and the keys' top digits are histogrammed (kMatch: one shared-memory
-// atomic per distinct digit in the warp, else one per token).
-template <typename scalar_t, typename acc_t, int M, bool kSearch, bool kMatch>
+// the selected tokens) and the keys' top digits are histogrammed, one shared-memory atomic per
+// eligible token (aggregating them per warp with __match_any_sync measured slower on an H100:
+// 42.5 vs 34.5 us for the KL-Cov main pass at 512x8192).
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
 __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
                                                 Params p, State* s, const double* row_n, acc_t* grad,
                                                 uint8_t* selected, uint16_t* digits, double* out) {
@@ -516,7 +306,6 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   acc_t ma, ml;
   means2(s, ma, ml);
   const long long thr = kSearch ? -1 : s->thr;
-  const int lane = threadIdx.x & 31;
   double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
     const Unit un(u, C, T);
@@ -565,15 +354,10 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
           grad[i] = acc_t(0);
           selected[i] = 0;
         }
-        if (kSearch) {  // the loop bounds are uniform over the warp: every lane gets here
+        if (kSearch) {
           const int d = key == kNotEligible ? -1 : static_cast<int>(key >> kTopShift);
           if (M == kKLCov && in_range) digits[i] = d < 0 ? kNoDigit : static_cast<uint16_t>(d);
-          if (kMatch) {
-            const unsigned peers = __match_any_sync(0xffffffffu, d);
-            if (d >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
-          } else if (d >= 0) {
-            atomicAdd(&hist[d], 1u);
-          }
+          if (d >= 0) atomicAdd(&hist[d], 1u);
         }
       }
     }
@@ -799,37 +583,7 @@ int persistent_grid(K kernel, int64_t units) {
   return static_cast<int>(std::max<int64_t>(1, std::min(g, units)));
 }
 
-// COVRL_PL_MATCH=1: aggregate the histogram's shared-memory atomics per warp with
-// __match_any_sync. Measured slower on an H100 (KL-Cov main pass 42.5 vs 34.5 us at 512x8192),
-// so the default is one atomic per eligible token.
-inline bool use_match() {
-  const char* e = std::getenv("COVRL_PL_MATCH");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
-
 }  // namespace v2
-
-bool use_v1() {
-  const char* e = std::getenv("COVRL_PL_CUDA_IMPL");
-  return e != nullptr && std::strcmp(e, "v1") == 0;
-}
-
-struct Prepared {
-  Tensor lp, olp, adv, valid, isw;
-  bool adv_row;
-};
-
-Prepared prepare(const Tensor& lp, const Tensor& olp, const Tensor& adv, const Tensor& mask,
-                 const c10::optional<Tensor>& isw, at::ScalarType acc) {
-  Prepared q;
-  q.lp = lp.contiguous();
-  q.olp = olp.to(acc).contiguous();
-  q.adv = adv.to(acc).contiguous();
-  q.adv_row = adv.dim() == 1;
-  q.valid = mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0).contiguous();
-  if (isw.has_value()) q.isw = isw->to(acc).contiguous();
-  return q;
-}
 
 template <typename scalar_t, typename acc_t>
 Loader<scalar_t, acc_t> loader(const Prepared& q, int64_t T) {
@@ -853,25 +607,6 @@ void check_selection(const Tensor& lp, const c10::optional<Tensor>& st, const c1
                       "sel_meta must be an int64 [2] tensor on ", lp.device());
 }
 
-// Radix select of the k-th smallest key (8 rounds of 8-bit digits), entirely on the device.
-void radix_select(Tensor& keys, DevState* s, int64_t N, cudaStream_t stream) {
-  Tensor buf = at::empty_like(keys);
-  // odd rounds write `buf`, even rounds `keys` (whose full contents round 1 has consumed)
-  int64_t* bufs[2] = {keys.data_ptr<int64_t>(), buf.data_ptr<int64_t>()};
-  const int grid = stride_grid();
-  select_digit<<<1, 1, 0, stream>>>(s, 56, 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (int round = 1, shift = 48; shift >= 0; ++round, shift -= 8) {
-    // round 1 reads the full key buffer; later rounds read the previous survivors
-    const int64_t* in = round == 1 ? keys.data_ptr<int64_t>() : bufs[(round - 1) & 1];
-    const unsigned long long* in_count = round == 1 ? nullptr : &s->count[(round - 1) & 1];
-    filter<<<grid, kThreads, 0, stream>>>(in, in_count, N, bufs[round & 1], round & 1, s, shift);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    select_digit<<<1, 1, 0, stream>>>(s, shift, round);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     const Tensor& log_prob, const Tensor& old_log_prob, const Tensor& advantages, const Tensor& mask,
     const c10::optional<Tensor>& is_weights, const c10::optional<Tensor>& sel_stats,
@@ -889,7 +624,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   const auto opts = log_prob.options();
   Tensor loss = at::empty({}, opts.dtype(acc));
   Tensor grad = at::empty({B, T}, opts.dtype(acc));
-  Tensor metrics = at::empty({kNumMetrics}, opts.dtype(at::kFloat));  // finalize_loss writes every slot
+  Tensor metrics = at::empty({kNumMetrics}, opts.dtype(at::kFloat));  // the tail kernel writes every slot
   Tensor selected = at::empty({B, T}, opts.dtype(at::kBool));
   // contiguous, like the CPU kernel: the kernels read elements [0], [1], ... of these
   const Tensor st_c = sel_stats.has_value() ? sel_stats->contiguous() : Tensor();
@@ -898,94 +633,60 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   const int64_t* mt = mt_c.defined() ? mt_c.data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B == 0) return {loss.zero_(), grad, metrics.zero_(), selected};
-  if (!use_v1()) {
-    const int64_t C = std::max<int64_t>(1, (T + v2::kChunk - 1) / v2::kChunk);
-    const int64_t n_units = B * C;
-    Tensor state2 = at::empty({(int64_t)sizeof(v2::State)}, opts.dtype(at::kByte));
-    v2::State* s2 = reinterpret_cast<v2::State*>(state2.data_ptr());
-    Tensor cnt = at::empty({n_units * v2::kWarps}, opts.dtype(at::kInt));
-    Tensor row_n = at::empty({B}, opts.dtype(at::kDouble));
-    const bool search = p.mode != kPPO && !sel_meta.has_value();
-    const bool match = v2::use_match();
-    Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
-    Tensor digits = search && p.mode == kKLCov ? at::empty({N}, opts.dtype(at::kShort)) : Tensor();
-    COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      const auto in = loader<scalar_t, acc_t>(q, T);
-      acc_t* g = grad.data_ptr<acc_t>();
-      uint8_t* sel = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
-      double* rn = row_n.data_ptr<double>();
-      const int g_stats = v2::persistent_grid(v2::stats<scalar_t, acc_t>, n_units);
-      Tensor part = at::empty({2 * g_stats}, opts.dtype(at::kDouble));
-      v2::stats<scalar_t, acc_t><<<g_stats, v2::kT, 0, stream>>>(in, T, C, n_units, part.data_ptr<double>(),
-                                                                  cnt.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B, C,
-                                                     fraction, st, mt, rn, s2);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::with_mode(p.mode, [&](auto mc) {
-        constexpr int M = decltype(mc)::value;
-        acc_t* lo = loss.data_ptr<acc_t>();
-        float* me = metrics.data_ptr<float>();
-        if (!search) {
-          const auto kmain = v2::main_pass<scalar_t, acc_t, M, false, false>;
-          const int gm = v2::persistent_grid(kmain, n_units);
-          Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-          kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, rn, g, sel, nullptr, out.data_ptr<double>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, out.data_ptr<double>(),
-                                                                          gm, nullptr, g, sel, lo, me, N);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          return;
-        }
-        int64_t* sv = surv.data_ptr<int64_t>();
-        uint16_t* dg = digits.defined() ? reinterpret_cast<uint16_t*>(digits.data_ptr<int16_t>()) : nullptr;
-        const auto kmain = match ? v2::main_pass<scalar_t, acc_t, M, true, true>
-                                 : v2::main_pass<scalar_t, acc_t, M, true, false>;
-        const int gm = v2::persistent_grid(kmain, n_units);
-        Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-        kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, rn, g, sel, dg, out.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::select_top<<<1, v2::kBig, 0, stream>>>(s2);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const auto kfilter = v2::filter<scalar_t, acc_t, M>;
-        kfilter<<<v2::persistent_grid(kfilter, n_units), v2::kT, 0, stream>>>(in, T, C, n_units, p, s2, sel, dg, sv);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s2, rn, out.data_ptr<double>(), gm,
-                                                                       sv, g, sel, lo, me, N);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-    return {loss, grad, metrics, selected};
-  }
-  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
-  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
-  Tensor row_part = at::empty({B, kRowStats1}, opts.dtype(at::kDouble));
-  Tensor row_out = at::empty({B, kRowStats}, opts.dtype(at::kDouble));
-  metrics.zero_();
+  const int64_t C = std::max<int64_t>(1, (T + v2::kChunk - 1) / v2::kChunk);
+  const int64_t n_units = B * C;
+  Tensor state = at::empty({(int64_t)sizeof(v2::State)}, opts.dtype(at::kByte));
+  v2::State* s = reinterpret_cast<v2::State*>(state.data_ptr());
+  Tensor cnt = at::empty({n_units * v2::kWarps}, opts.dtype(at::kInt));
+  Tensor row_n = at::empty({B}, opts.dtype(at::kDouble));
+  const bool search = p.mode != kPPO && !sel_meta.has_value();
+  Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
+  Tensor digits = search && p.mode == kKLCov ? at::empty({N}, opts.dtype(at::kShort)) : Tensor();
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto in = loader<scalar_t, acc_t>(q, T);
-    row_stats<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, row_part.data_ptr<double>());
+    acc_t* g = grad.data_ptr<acc_t>();
+    uint8_t* sel = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
+    double* rn = row_n.data_ptr<double>();
+    const int g_stats = v2::persistent_grid(v2::stats<scalar_t, acc_t>, n_units);
+    Tensor part = at::empty({2 * g_stats}, opts.dtype(at::kDouble));
+    v2::stats<scalar_t, acc_t><<<g_stats, v2::kT, 0, stream>>>(in, T, C, n_units, part.data_ptr<double>(),
+                                                                cnt.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_stats<<<1, 1, 0, stream>>>(row_part.data_ptr<double>(), B, fraction, st, mt, s);
+    v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B, C,
+                                                   fraction, st, mt, rn, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (p.mode != kPPO && !sel_meta.has_value()) {
-      Tensor keys = at::empty({N}, opts.dtype(at::kLong));
-      key_hist<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, p, s, keys.data_ptr<int64_t>(), true);
+    v2::with_mode(p.mode, [&](auto mc) {
+      constexpr int M = decltype(mc)::value;
+      acc_t* lo = loss.data_ptr<acc_t>();
+      float* me = metrics.data_ptr<float>();
+      if (!search) {
+        const auto kmain = v2::main_pass<scalar_t, acc_t, M, false>;
+        const int gm = v2::persistent_grid(kmain, n_units);
+        Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
+        kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s, rn, out.data_ptr<double>(),
+                                                                        gm, nullptr, g, sel, lo, me, N);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      int64_t* sv = surv.data_ptr<int64_t>();
+      uint16_t* dg = digits.defined() ? reinterpret_cast<uint16_t*>(digits.data_ptr<int16_t>()) : nullptr;
+      const auto kmain = v2::main_pass<scalar_t, acc_t, M, true>;
+      const int gm = v2::persistent_grid(kmain, n_units);
+      Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
+      kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      radix_select(keys, s, N, stream);
-    }
-    main_pass<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(in, T, p, s, row_part.data_ptr<double>(),
-                                                           grad.data_ptr<acc_t>(), selected.data_ptr<bool>(),
-                                                           row_out.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_loss<acc_t><<<1, 1, 0, stream>>>(row_part.data_ptr<double>(), row_out.data_ptr<double>(), B,
-                                              p, s, loss.data_ptr<acc_t>(), metrics.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int grid = stride_grid();
-    poison_grad<acc_t><<<grid, kThreads, 0, stream>>>(s, grad.data_ptr<acc_t>(), N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      v2::select_top<<<1, v2::kBig, 0, stream>>>(s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto kfilter = v2::filter<scalar_t, acc_t, M>;
+      kfilter<<<v2::persistent_grid(kfilter, n_units), v2::kT, 0, stream>>>(in, T, C, n_units, p, s, sel, dg, sv);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s, rn, out.data_ptr<double>(), gm,
+                                                                     sv, g, sel, lo, me, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {loss, grad, metrics, selected};
 }
@@ -1004,16 +705,16 @@ Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob,
   const auto opts = log_prob.options();
   Tensor keys = at::empty({p.B, p.T}, opts.dtype(at::kLong));
   if (p.B == 0) return keys;
-  Tensor state = at::zeros({(int64_t)sizeof(DevState)}, opts.dtype(at::kByte));
-  DevState* s = reinterpret_cast<DevState*>(state.data_ptr());
+  Tensor state = at::zeros({(int64_t)sizeof(KeyState)}, opts.dtype(at::kByte));
+  KeyState* s = reinterpret_cast<KeyState*>(state.data_ptr());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor st_c = sel_stats.contiguous(), mt_c = sel_meta.contiguous();
   init_keys_state<<<1, 1, 0, stream>>>(st_c.data_ptr<double>(), mt_c.data_ptr<int64_t>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_keys_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    key_hist<scalar_t, acc_t><<<p.B, kThreads, 0, stream>>>(loader<scalar_t, acc_t>(q, p.T), p.T, p, s,
-                                                            keys.data_ptr<int64_t>(), false);
+    key_kernel<scalar_t, acc_t><<<p.B, kKeyThreads, 0, stream>>>(loader<scalar_t, acc_t>(q, p.T), p.T, p, s,
+                                                                 keys.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return keys;
