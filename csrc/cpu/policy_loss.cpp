@@ -108,7 +108,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Prepared& q, const
   const double nv1 = n_valid > 1 ? n_valid : 1.0;
   const acc_t mean_a = static_cast<acc_t>(sum_a / nv1);
   const acc_t mean_lp = static_cast<acc_t>(sum_lp / nv1);
-  const int64_t k = select_count(p.fraction, n_valid_local);
+  // The selection's k: over the whole mini-batch when its statistics are given (as on CUDA).
+  const int64_t k = select_count(p.fraction, n_valid);
   double n_eligible = 0;
 
   // ---- pass B: k-th smallest selection key over the eligible tokens. Each chunk of rows

@@ -11,25 +11,15 @@
 // row recomputing p_j = exp(z_j - lse). No host synchronisation anywhere; an
 // out-of-range label gives a NaN log_prob here and is reported by the
 // torch._assert_async that covrl.ops runs before the launch.
-// The CPU torch wheel (used for the compile check) lacks this generated header;
-// on a CUDA torch it exists and is used.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <limits>
 
 #include "dispatch.h"
 #include "logprob_entropy_args.h"
+#include "runtime.h"  // last: under the emulator it defines the CUDA keywords
 
 namespace covrl {
 namespace lpe_cuda {
@@ -286,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lpe_forward_cuda(const at::Tensor
                                                                const at::Tensor& labels, double temperature,
                                                                bool /*inplace_grad*/) {
   check_common(logits, labels, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits.device());
   const at::Tensor x = as_rows(logits);
   const at::Tensor lab = labels.reshape({-1}).contiguous();
   auto opts = logits.options().dtype(out_dtype(logits));
@@ -300,13 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lpe_forward_cuda(const at::Tensor
   p.inv_temperature = 1.0 / temperature;
   if (p.rows == 0) return {lp, ent, lse};
   TORCH_CHECK(p.rows <= std::numeric_limits<int32_t>::max(), "logits has too many rows (", p.rows, ")");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   COVRL_DISPATCH_FLOAT(x.scalar_type(), "covrl::logprob_entropy_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    lpe_cuda::forward_kernel<scalar_t><<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
-        p, x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(),
-        ent.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::launch(lpe_cuda::forward_kernel<scalar_t>, p.rows, lpe_cuda::kThreads, stream, p,
+                x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(),
+                ent.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
   });
   return {lp, ent, lse};
 }
@@ -316,7 +305,7 @@ void lpe_backward_into(const at::Tensor& out, const at::Tensor& grad_log_prob,
                        const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                        double temperature) {
   check_common(logits, labels, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits.device());
   const at::Tensor x = as_rows(logits);
   const at::Tensor o = out.view({-1, logits.size(-1)});
   TORCH_INTERNAL_ASSERT(o.stride(1) == 1);
@@ -336,14 +325,13 @@ void lpe_backward_into(const at::Tensor& out, const at::Tensor& grad_log_prob,
   p.inv_temperature = 1.0 / temperature;
   if (p.rows == 0) return;
   TORCH_CHECK(p.rows <= std::numeric_limits<int32_t>::max(), "logits has too many rows (", p.rows, ")");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   COVRL_DISPATCH_FLOAT(x.scalar_type(), "covrl::logprob_entropy_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    lpe_cuda::backward_kernel<scalar_t><<<static_cast<unsigned>(p.rows), lpe_cuda::kThreads, 0, stream>>>(
-        p, x.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
-        l.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(), glp.const_data_ptr<acc_t>(),
-        gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::launch(lpe_cuda::backward_kernel<scalar_t>, p.rows, lpe_cuda::kThreads, stream, p,
+                x.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(),
+                l.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(), glp.const_data_ptr<acc_t>(),
+                gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr);
   });
 }
 
@@ -366,8 +354,10 @@ void lpe_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& grad_
 }  // namespace
 }  // namespace covrl
 
+#if !defined(COVRL_SIMT_EMU)
 TORCH_LIBRARY_IMPL(covrl, CUDA, m) {
   m.impl("logprob_entropy_fwd", &covrl::lpe_forward_cuda);
   m.impl("logprob_entropy_bwd", &covrl::lpe_backward_cuda);
   m.impl("logprob_entropy_bwd_", &covrl::lpe_backward_inplace_cuda);
 }
+#endif

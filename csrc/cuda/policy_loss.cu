@@ -8,15 +8,6 @@
 // No host synchronisation and no data-dependent shapes: every count, threshold and mean
 // lives in device memory, so the forward and backward can be captured in a CUDA graph.
 
-// CPU torch wheels (used for the compile check) lack this generated header; on Linux it
-// only feeds the Windows export macros, so skipping it changes nothing.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +15,7 @@
 
 #include "dispatch.h"
 #include "policy_loss.h"
+#include "runtime.h"  // last: under the emulator it defines the CUDA keywords
 
 namespace covrl {
 namespace {
@@ -575,11 +567,7 @@ void with_mode(int mode, F&& f) {
 // Blocks of a persistent grid for `kernel`: as many as fit on the GPU at once, at most `units`.
 template <typename K>
 int persistent_grid(K kernel, int64_t units) {
-  int dev = 0, sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kT, 0));
-  const int64_t g = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+  const int64_t g = static_cast<int64_t>(std::max(gpu::blocks_per_sm(kernel, kT), 1)) * gpu::sm_count();
   return static_cast<int>(std::max<int64_t>(1, std::min(g, units)));
 }
 
@@ -615,7 +603,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     double clip_cov_lb, double clip_cov_ub, double kl_coef, int64_t seed, double norm) {
   check_inputs(log_prob, old_log_prob, advantages, mask, is_weights);
   check_selection(log_prob, sel_stats, sel_meta);
-  const c10::cuda::CUDAGuard guard(log_prob.device());
+  const gpu::DeviceGuard guard(log_prob.device());
   const Params p = make_params(log_prob, std::string(mode), std::string(agg), clip_low, clip_high,
                                dual_clip, fraction, clip_cov_lb, clip_cov_ub, kl_coef, seed, norm);
   const auto acc = log_prob.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -631,7 +619,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   const Tensor mt_c = sel_meta.has_value() ? sel_meta->contiguous() : Tensor();
   const double* st = st_c.defined() ? st_c.data_ptr<double>() : nullptr;
   const int64_t* mt = mt_c.defined() ? mt_c.data_ptr<int64_t>() : nullptr;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   if (B == 0) return {loss.zero_(), grad, metrics.zero_(), selected};
   const int64_t C = std::max<int64_t>(1, (T + v2::kChunk - 1) / v2::kChunk);
   const int64_t n_units = B * C;
@@ -650,12 +638,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     double* rn = row_n.data_ptr<double>();
     const int g_stats = v2::persistent_grid(v2::stats<scalar_t, acc_t>, n_units);
     Tensor part = at::empty({2 * g_stats}, opts.dtype(at::kDouble));
-    v2::stats<scalar_t, acc_t><<<g_stats, v2::kT, 0, stream>>>(in, T, C, n_units, part.data_ptr<double>(),
-                                                                cnt.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    v2::finalize_stats<<<1, v2::kBig, 0, stream>>>(part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B, C,
-                                                   fraction, st, mt, rn, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::launch(v2::stats<scalar_t, acc_t>, g_stats, v2::kT, stream, in, T, C, n_units, part.data_ptr<double>(),
+                cnt.data_ptr<int>());
+    gpu::launch(v2::finalize_stats, 1, v2::kBig, stream, part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B,
+                C, fraction, st, mt, rn, s);
     v2::with_mode(p.mode, [&](auto mc) {
       constexpr int M = decltype(mc)::value;
       acc_t* lo = loss.data_ptr<acc_t>();
@@ -664,11 +650,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
         const auto kmain = v2::main_pass<scalar_t, acc_t, M, false>;
         const int gm = v2::persistent_grid(kmain, n_units);
         Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-        kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        v2::tail<scalar_t, acc_t, M, false><<<1, v2::kBig, 0, stream>>>(in, T, p, s, rn, out.data_ptr<double>(),
-                                                                        gm, nullptr, g, sel, lo, me, N);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>());
+        gpu::launch(v2::tail<scalar_t, acc_t, M, false>, 1, v2::kBig, stream, in, T, p, s, rn,
+                    out.data_ptr<double>(), gm, nullptr, g, sel, lo, me, N);
         return;
       }
       int64_t* sv = surv.data_ptr<int64_t>();
@@ -676,16 +660,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
       const auto kmain = v2::main_pass<scalar_t, acc_t, M, true>;
       const int gm = v2::persistent_grid(kmain, n_units);
       Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-      kmain<<<gm, v2::kT, 0, stream>>>(in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::select_top<<<1, v2::kBig, 0, stream>>>(s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>());
+      gpu::launch(v2::select_top, 1, v2::kBig, stream, s);
       const auto kfilter = v2::filter<scalar_t, acc_t, M>;
-      kfilter<<<v2::persistent_grid(kfilter, n_units), v2::kT, 0, stream>>>(in, T, C, n_units, p, s, sel, dg, sv);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      v2::tail<scalar_t, acc_t, M, true><<<1, v2::kBig, 0, stream>>>(in, T, p, s, rn, out.data_ptr<double>(), gm,
-                                                                     sv, g, sel, lo, me, N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::launch(kfilter, v2::persistent_grid(kfilter, n_units), v2::kT, stream, in, T, C, n_units, p, s, sel, dg,
+                  sv);
+      gpu::launch(v2::tail<scalar_t, acc_t, M, true>, 1, v2::kBig, stream, in, T, p, s, rn, out.data_ptr<double>(),
+                  gm, sv, g, sel, lo, me, N);
     });
   });
   return {loss, grad, metrics, selected};
@@ -697,7 +678,7 @@ Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob,
                              double clip_cov_ub, int64_t seed) {
   check_inputs(log_prob, old_log_prob, advantages, mask, c10::nullopt);
   check_selection(log_prob, sel_stats, sel_meta);
-  const c10::cuda::CUDAGuard guard(log_prob.device());
+  const gpu::DeviceGuard guard(log_prob.device());
   const Params p = make_params(log_prob, std::string(mode), "token-mean", clip_low, clip_high,
                                c10::nullopt, 1.0, clip_cov_lb, clip_cov_ub, 0.0, seed, 1.0);
   const auto acc = log_prob.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -707,15 +688,13 @@ Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob,
   if (p.B == 0) return keys;
   Tensor state = at::zeros({(int64_t)sizeof(KeyState)}, opts.dtype(at::kByte));
   KeyState* s = reinterpret_cast<KeyState*>(state.data_ptr());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   const Tensor st_c = sel_stats.contiguous(), mt_c = sel_meta.contiguous();
-  init_keys_state<<<1, 1, 0, stream>>>(st_c.data_ptr<double>(), mt_c.data_ptr<int64_t>(), s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gpu::launch(init_keys_state, 1, 1, stream, st_c.data_ptr<double>(), mt_c.data_ptr<int64_t>(), s);
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_keys_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    key_kernel<scalar_t, acc_t><<<p.B, kKeyThreads, 0, stream>>>(loader<scalar_t, acc_t>(q, p.T), p.T, p, s,
-                                                                 keys.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::launch(key_kernel<scalar_t, acc_t>, p.B, kKeyThreads, stream, loader<scalar_t, acc_t>(q, p.T), p.T, p, s,
+                keys.data_ptr<int64_t>());
   });
   return keys;
 }
@@ -723,7 +702,9 @@ Tensor policy_loss_keys_cuda(const Tensor& log_prob, const Tensor& old_log_prob,
 }  // namespace
 }  // namespace covrl
 
+#if !defined(COVRL_SIMT_EMU)
 TORCH_LIBRARY_IMPL(covrl, CUDA, m) {
   m.impl("policy_loss_fwd", &covrl::policy_loss_fwd_cuda);
   m.impl("policy_loss_keys", &covrl::policy_loss_keys_cuda);
 }
+#endif

@@ -472,12 +472,10 @@ STRESS = {
 }
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("case", sorted(STRESS))
-def test_cuda_selection_stress(case):
-    """Selected set, loss, gradient and metrics of CUDA == CPU on larger and degenerate inputs."""
+def stress_inputs(case, max_rows=None):
+    """mode, (log_prob, old_log_prob, advantages, mask), loss keywords of a STRESS case."""
     mode, B, T, opt, kw = STRESS[case]
+    B = B if max_rows is None else min(B, max_rows)
     lp, olp, adv, mask = sample_inputs(B, T, seed=31, adv_per_seq=opt.get("adv_per_seq", False),
                                        dtype=opt.get("dtype", torch.float32))
     if opt.get("zero_adv"):
@@ -486,6 +484,16 @@ def test_cuda_selection_stress(case):
         mask[opt["mask_row"]] = False
     if opt.get("isw"):
         kw = dict(kw, is_weights=torch.rand(B, T, generator=torch.Generator().manual_seed(5)) + 0.5)
+    return mode, (lp, olp, adv, mask), kw
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", sorted(STRESS))
+def test_cuda_selection_stress(case):
+    """Selected set, loss, gradient and metrics of CUDA == CPU on larger and degenerate inputs."""
+    mode, (lp, olp, adv, mask), kw = stress_inputs(case)
+    B, T = lp.shape
     s = _cpu_vs_cuda(lp, olp, adv, mask, mode=mode, **kw)
     n_valid = int(mask.sum())
     frac = kw.get("kl_cov_fraction" if mode == "kl_cov" else "clip_cov_fraction")
