@@ -16,11 +16,17 @@ it also times covrl's forward + backward captured once in a CUDA graph and repla
 results header. --profile (CUDA) runs torch.profiler over a few eager
 covrl steps per mode at --profile-shape and writes a per-kernel table to --profile-out.
 Writes a markdown table (benchmarks/results/policy_loss_<device>.md by default).
+
+--next all,finalize,filter,reverse (CUDA) also times the opt-in candidate forward kernels
+(the COVRL_PL_CUDA_NEXT switch of csrc/cuda/policy_loss.cu) at --profile-shape, each against
+the default kernels in the same run (graph replay; the default is timed before and after),
+into --next-out; with --profile, the first variant is profiled too (--next-profile-out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -170,6 +176,54 @@ def time_graph(inputs, mode, replays, batch=20):
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def next_kernels(value):
+    """COVRL_PL_CUDA_NEXT=value while inside (None: the default kernels); read at each op call."""
+    old = os.environ.pop("COVRL_PL_CUDA_NEXT", None)
+    if value is not None:
+        os.environ["COVRL_PL_CUDA_NEXT"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("COVRL_PL_CUDA_NEXT", None)
+        if old is not None:
+            os.environ["COVRL_PL_CUDA_NEXT"] = old
+
+
+def run_next(args, note):
+    """Graph-replay time of each COVRL_PL_CUDA_NEXT variant vs the default kernels, same run."""
+    B, T = args.profile_shape[0]
+    inputs = make_inputs(B, T, "cuda")
+    variants = [v for v in args.next.split(",") if v]
+    lines = [f"# policy_loss CUDA candidate kernels vs default at {B}x{T} (graph replay)", "", note, "",
+             f"Forward+backward captured in one CUDA graph, median µs per replay over {args.graph_reps} "
+             "replays. The default kernels are timed before and after the variants; the ratio uses "
+             "their mean. COVRL_PL_CUDA_NEXT items: csrc/cuda/policy_loss.cu (`Next`).", "",
+             "| mode | COVRL_PL_CUDA_NEXT | graph µs | default µs (before / after) | vs default |",
+             "|---|---|---:|---:|---:|"]
+
+    def timed(value):
+        with next_kernels(value):
+            try:
+                return time_graph(inputs, mode, args.graph_reps)
+            except Exception as exc:  # noqa: BLE001 - report, keep the table
+                print(f"next={value} {mode} failed: {type(exc).__name__}: {exc}", flush=True)
+                return float("nan")
+
+    for mode in MODES:
+        before = timed(None)
+        got = {v: timed(v) for v in variants}
+        after = timed(None)
+        base = (before + after) / 2
+        for v, t in got.items():
+            row = f"| {mode} | {v} | {t:.2f} | {base:.2f} ({before:.2f} / {after:.2f}) | {base / t:.2f}x |"
+            print(row, flush=True)
+            lines.append(row)
+        with open(args.next_out, "w") as f:  # after every mode: a timeout keeps the rows
+            f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.next_out}")
+
+
 def profile_covrl(shape, steps, out_path, note):
     """torch.profiler over ``steps`` eager covrl fwd+bwd per mode; per-kernel device time table."""
     from torch.autograd import DeviceType
@@ -269,6 +323,10 @@ def main():
     ap.add_argument("--profile-out", default=None, help="markdown file for --profile")
     ap.add_argument("--profile-shape", type=parse_shapes, default=[(512, 8192)])
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--next", default="", help="CUDA: COVRL_PL_CUDA_NEXT values to time against the default")
+    ap.add_argument("--next-only", action="store_true", help="CUDA: only the --next table (and profile)")
+    ap.add_argument("--next-out", default=None, help="markdown file for --next")
+    ap.add_argument("--next-profile-out", default=None, help="markdown file for the profile of --next's first")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -284,12 +342,23 @@ def main():
     want_profile = args.profile or args.profile_only
     if want_profile and not cuda:
         raise SystemExit("--profile needs --device cuda")
-    if not args.profile_only:
+    if (args.next or args.next_only) and not cuda:
+        raise SystemExit("--next needs --device cuda")
+    results = os.path.join(os.path.dirname(__file__), "results")
+    if not (args.profile_only or args.next_only):
         run_table(args, dev, info, note)
-    if want_profile:
-        out = args.profile_out or os.path.join(os.path.dirname(__file__), "results",
-                                               "policy_loss_cuda_profile.md")
+    if want_profile and not args.next_only:
+        out = args.profile_out or os.path.join(results, "policy_loss_cuda_profile.md")
         profile_covrl(args.profile_shape[0], args.profile_steps, out, note)
+    if args.next:
+        args.next_out = args.next_out or os.path.join(results, "policy_loss_cuda_next.md")
+        run_next(args, note)
+        if want_profile:
+            first = args.next.split(",")[0]
+            out = args.next_profile_out or os.path.join(results, "policy_loss_cuda_profile_next.md")
+            with next_kernels(first):
+                profile_covrl(args.profile_shape[0], args.profile_steps, out,
+                              note + f" COVRL_PL_CUDA_NEXT={first}.")
 
 
 def run_table(args, dev, info, note):

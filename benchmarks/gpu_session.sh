@@ -8,6 +8,8 @@
 #                               goes to $SESSION_LOG, default /tmp/gpu_session.log)
 #   policy_loss_cuda.md         bench_policy_loss.py (covrl vs eager reference vs verl-style)
 #   policy_loss_cuda_profile.md per-kernel table (torch.profiler) at 512x8192
+#   policy_loss_cuda_next.md    the COVRL_PL_CUDA_NEXT candidate kernels vs the default, same run
+#   policy_loss_cuda_profile_next.md  per-kernel table with the first NEXT value
 #   logprob_entropy_cuda.md     bench_logprob_entropy.py (covrl vs eager vs Liger)   [PLAN=full]
 #   logprob_entropy_profile.md  per-kernel table of the logits kernels               [PLAN=full]
 #
@@ -16,7 +18,8 @@
 # is compact because the device reply keeps only the last 12,000 characters of output.
 #
 # Knobs (env): PY (python, default python3), OUT (default /tmp/out), BUDGET (seconds),
-# PLAN (full, the default, or policy: skip the logits benchmark),
+# PLAN (full, the default, or policy: skip the logits benchmark), NEXT (the COVRL_PL_CUDA_NEXT
+# values timed against the default kernels, default all,finalize,filter,reverse),
 # SKIP_BUILD=1 (use the installed build; for a local dry run), FORCE=1 (run the benchmarks
 # even when covrl has no CUDA kernels).
 set -u
@@ -114,14 +117,16 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
     fi
 
     # --- value order: GPU tests, policy-loss benchmark + profile, logits benchmark + profile ------
-    step "tests gpu" 150 "$STEPS_LOG" \
+    step "tests gpu" 200 "$STEPS_LOG" \
         $PY -m pytest -q -ra -m gpu tests/ops -p no:cacheprovider --timeout 120
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
     if ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
-        step "bench policy_loss +profile" 90 "$STEPS_LOG" \
+        step "bench policy_loss +profile" 150 "$STEPS_LOG" \
             $PY benchmarks/bench_policy_loss.py --device cuda \
-            --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md"
+            --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md" \
+            --next "${NEXT:-all,finalize,filter,reverse}" --next-out "$OUT/policy_loss_cuda_next.md" \
+            --next-profile-out "$OUT/policy_loss_cuda_profile_next.md"
         if [ "${PLAN:-full}" = full ]; then
             step "bench logprob_entropy +profile" 120 "$STEPS_LOG" \
                 $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 \
@@ -148,10 +153,17 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         | grep -v '^=====' | tail -n 25
     note "--- policy_loss ---"
     rows "$OUT/policy_loss_cuda.md"
+    note "--- policy_loss candidate kernels (COVRL_PL_CUDA_NEXT) vs default, same run ---"
+    rows "$OUT/policy_loss_cuda_next.md"
     if [ -f "$OUT/policy_loss_cuda_profile.md" ]; then
         note "--- policy_loss profile (top kernels per mode) ---"
         awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' \
             "$OUT/policy_loss_cuda_profile.md" | cut -c1-200
+    fi
+    if [ -f "$OUT/policy_loss_cuda_profile_next.md" ]; then
+        note "--- policy_loss profile with the candidate kernels (top kernels per mode) ---"
+        awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' \
+            "$OUT/policy_loss_cuda_profile_next.md" | cut -c1-200
     fi
     note "--- logprob_entropy ---"
     rows "$OUT/logprob_entropy_cuda.md"

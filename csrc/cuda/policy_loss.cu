@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "dispatch.h"
@@ -239,21 +241,38 @@ __global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t 
 
 __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n_part, const int* cnt, int64_t B,
                                                        int64_t C, double fraction, const double* sel_stats,
-                                                       const int64_t* sel_meta, double* row_n, State* s) {
+                                                       const int64_t* sel_meta, double* row_n, State* s,
+                                                       bool warp_rows) {
   for (int j = threadIdx.x; j < kTopBins; j += blockDim.x) s->hist[j] = 0;
   double v[4] = {0, 0, 0, 0};  // sum A, sum logp, n, rows with a valid token
   for (int b = threadIdx.x; b < n_part; b += blockDim.x) {
     v[0] += part[2 * b];
     v[1] += part[2 * b + 1];
   }
-  // Serial over a row's C * 8 per-warp counts: 11.3 us at 512x8192 on an H100, the largest of
-  // the small kernels. One warp per row is the next step (not yet measured on a GPU).
-  for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
-    long long n = 0;
-    for (int64_t j = 0; j < C * kWarps; ++j) n += cnt[r * C * kWarps + j];
-    row_n[r] = static_cast<double>(n);
-    v[2] += static_cast<double>(n);
-    v[3] += n > 0 ? 1 : 0;
+  const int64_t per_row = C * kWarps;
+  if (!warp_rows) {
+    // Serial over a row's C * 8 per-warp counts: 11.3 us at 512x8192 on an H100, the largest
+    // of the small kernels (a chain of dependent loads per thread).
+    for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
+      long long n = 0;
+      for (int64_t j = 0; j < per_row; ++j) n += cnt[r * per_row + j];
+      row_n[r] = static_cast<double>(n);
+      v[2] += static_cast<double>(n);
+      v[3] += n > 0 ? 1 : 0;
+    }
+  } else {
+    // [next] One warp per row: the lanes load the row's counts side by side, then a shuffle sum.
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int64_t r = threadIdx.x >> 5; r < B; r += nw) {  // uniform within the warp
+      long long n = 0;
+      for (int64_t j = lane; j < per_row; j += 32) n += cnt[r * per_row + j];
+      for (int o = 16; o > 0; o >>= 1) n += __shfl_down_sync(0xffffffffu, n, o);
+      if (lane == 0) {
+        row_n[r] = static_cast<double>(n);
+        v[2] += static_cast<double>(n);
+        v[3] += n > 0 ? 1 : 0;
+      }
+    }
   }
   block_sum(v);
   if (threadIdx.x != 0) return;
@@ -289,7 +308,8 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
 template <typename scalar_t, typename acc_t, int M, bool kSearch>
 __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
                                                 Params p, State* s, const double* row_n, acc_t* grad,
-                                                uint8_t* selected, uint16_t* digits, double* out) {
+                                                uint8_t* selected, uint16_t* digits, double* out,
+                                                bool reverse) {
   __shared__ unsigned int hist[kSearch ? kTopBins : 1];
   if (kSearch) {
     for (int j = threadIdx.x; j < kTopBins; j += kT) hist[j] = 0;
@@ -299,7 +319,9 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   means2(s, ma, ml);
   const long long thr = kSearch ? -1 : s->thr;
   double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+  for (int64_t j = blockIdx.x; j < n_units; j += gridDim.x) {
+    // [next] reverse: the units stats read last (still in L2) first.
+    const int64_t u = reverse ? n_units - 1 - j : j;
     const Unit un(u, C, T);
     const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_n[un.r], p.norm);
     const acc_t scale = static_cast<acc_t>(sc);
@@ -399,6 +421,18 @@ __global__ void __launch_bounds__(kBig) select_top(State* s) {
   }
 }
 
+// Appends the keys of the lanes with `keep` to surv (one atomic per warp). Whole warp.
+__device__ __forceinline__ void push_survivor(bool keep, int64_t key, int lane, State* s, int64_t* surv) {
+  const unsigned m = __ballot_sync(0xffffffffu, keep);
+  if (m) {
+    const int leader = __ffs(m) - 1;
+    unsigned long long pos = 0;
+    if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
+    pos = __shfl_sync(0xffffffffu, pos, leader);
+    if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key;
+  }
+}
+
 // Compacts the eligible keys whose top digit is <= s->digit (warp-aggregated atomics).
 template <typename scalar_t, typename acc_t, int M>
 __global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
@@ -433,15 +467,87 @@ __global__ void __launch_bounds__(kT) filter(Loader<scalar_t, acc_t> in, int64_t
 #pragma unroll
       for (int q = 0; q < kU; ++q) {
         const bool keep = key[q] != kNotEligible && static_cast<int>(key[q] >> kTopShift) <= digit;
-        const unsigned m = __ballot_sync(0xffffffffu, keep);
-        if (m) {
-          const int leader = __ffs(m) - 1;
-          unsigned long long pos = 0;
-          if (lane == leader) pos = atomicAdd(&s->n_surv, static_cast<unsigned long long>(__popc(m)));
-          pos = __shfl_sync(0xffffffffu, pos, leader);
-          if (keep) surv[pos + __popc(m & ((1u << lane) - 1u))] = key[q];
+        push_survivor(keep, key[q], lane, s, surv);
+      }
+    }
+  }
+}
+
+// [next] The same compaction as `filter`, flat over the N per-token marks as 16-byte vectors
+// (16 Clip-Cov flags or 8 KL-Cov digits per lane and load) instead of 1-2 bytes per lane and
+// load in row units. Not yet timed on a GPU (COVRL_PL_CUDA_NEXT=filter).
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+// Mark q of a vector of kV marks (bytes when kV = 16, uint16 when kV = 8), by shifts.
+template <int kV>
+__device__ __forceinline__ unsigned mark(const Vec16& x, int q) {
+  constexpr int kBits = 128 / kV, kPer = 32 / kBits;
+  return (x.w[q / kPer] >> (kBits * (q % kPer))) & ((1u << kBits) - 1u);
+}
+template <int kV>
+__device__ __forceinline__ void set_mark(Vec16& x, int q, unsigned m) {
+  constexpr int kBits = 128 / kV, kPer = 32 / kBits;
+  const int sh = kBits * (q % kPer);
+  x.w[q / kPer] = (x.w[q / kPer] & ~(((1u << kBits) - 1u) << sh)) | (m << sh);
+}
+
+template <typename scalar_t, typename acc_t, int M>
+__global__ void __launch_bounds__(kT) filter_flat(Loader<scalar_t, acc_t> in, int64_t T, int64_t N, Params p,
+                                                  State* s, uint8_t* selected, const uint16_t* digits,
+                                                  int64_t* surv) {
+  constexpr int kV = M == kClipCov ? 16 : 8;  // marks per vector
+  const int digit = s->digit;
+  if (digit < 0) return;  // k = 0: nothing valid, so nothing was flagged either
+  acc_t ma, ml;
+  means2(s, ma, ml);
+  const int lane = threadIdx.x & 31;
+  const int64_t g0 = s->row_offset * T;  // global flat index of token 0
+  const int64_t full = N / kV, nvec = (N + kV - 1) / kV;
+  void* marks = M == kClipCov ? static_cast<void*>(selected) : const_cast<uint16_t*>(digits);
+  Vec16* vecs = static_cast<Vec16*>(marks);
+  // Warp-uniform loop: every lane runs the same trips (the shuffles below need the whole warp).
+  for (int64_t vb = int64_t(blockIdx.x) * kT + (threadIdx.x & ~31); vb < nvec; vb += int64_t(gridDim.x) * kT) {
+    const int64_t v = vb + lane, i0 = v * kV;
+    Vec16 raw;
+    raw.w[0] = raw.w[1] = raw.w[2] = raw.w[3] = 0xFFFFFFFFu;  // 0xFF: no flag, 0xFFFF: no digit
+    if (v < full) {
+      raw = vecs[v];
+    } else if (v < nvec) {  // the partial last vector
+      for (int q = 0; i0 + q < N; ++q) set_mark<kV>(raw, q, M == kClipCov ? selected[i0 + q] : digits[i0 + q]);
+    }
+    unsigned hit = 0;  // bit q: the q-th mark is a candidate (Clip-Cov) / has a digit <= d (KL-Cov)
+#pragma unroll
+    for (int q = 0; q < kV; ++q) {
+      const unsigned m = mark<kV>(raw, q);
+      if (M == kClipCov ? m == kCandFlag : static_cast<int>(m) <= digit) hit |= 1u << q;
+    }
+    if (M == kClipCov && hit) {  // clear the candidate flags (tail sets the selected ones)
+#pragma unroll
+      for (int q = 0; q < kV; ++q)
+        if (hit >> q & 1u) set_mark<kV>(raw, q, 0);
+      if (v < full) {
+        vecs[v] = raw;
+      } else {
+        for (int q = 0; i0 + q < N; ++q) selected[i0 + q] = static_cast<uint8_t>(mark<kV>(raw, q));
+      }
+    }
+    if (!__ballot_sync(0xffffffffu, hit != 0)) continue;  // the common case: nothing here
+#pragma unroll
+    for (int q = 0; q < kV; ++q) {
+      int64_t key = kNotEligible;
+      if (hit >> q & 1u) {
+        const int64_t i = i0 + q;
+        if (M == kClipCov) {
+          key = clip_cov_key(p.seed_hi, g0 + i);
+        } else {
+          const int64_t r = i / T, t = i - r * T;
+          const acc_t l = static_cast<acc_t>(in.lp[i]);
+          key = token_key<M>(eval_token<acc_t, M>(l, l, in.a(r, t), ma, ml, p), g0 + i, p);
         }
       }
+      const bool keep = key != kNotEligible && static_cast<int>(key >> kTopShift) <= digit;
+      push_survivor(keep, key, lane, s, surv);
     }
   }
 }
@@ -573,6 +679,36 @@ int persistent_grid(K kernel, int64_t units) {
 
 }  // namespace v2
 
+// Candidate forward kernels that have not been timed on a GPU yet (they pass the same tests in
+// the SIMT emulator), opt-in so that a GPU session can compare them with the measured default in
+// one run: COVRL_PL_CUDA_NEXT=all, or a comma list of
+//   finalize  one warp per row for the per-row valid counts in finalize_stats
+//   filter    the flat 16-byte-vector filter (filter_flat)
+//   reverse   main walks the units backwards (the last ones stats read are still in L2)
+struct Next {
+  bool finalize = false, filter = false, reverse = false;
+};
+
+Next next_from_env() {
+  Next n;
+  const char* env = std::getenv("COVRL_PL_CUDA_NEXT");
+  if (env == nullptr) return n;
+  std::string rest(env);
+  while (!rest.empty()) {
+    const size_t cut = rest.find(',');
+    const std::string w = rest.substr(0, cut);
+    rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
+    if (w == "all") n.finalize = n.filter = n.reverse = true;
+    else if (w == "finalize") n.finalize = true;
+    else if (w == "filter") n.filter = true;
+    else if (w == "reverse") n.reverse = true;
+    else if (w == "none" || w.empty()) continue;
+    else TORCH_CHECK_VALUE(false, "COVRL_PL_CUDA_NEXT: unknown item '", w, "' (expected a comma list of "
+                                  "finalize, filter, reverse, or all / none)");
+  }
+  return n;
+}
+
 template <typename scalar_t, typename acc_t>
 Loader<scalar_t, acc_t> loader(const Prepared& q, int64_t T) {
   Loader<scalar_t, acc_t> in;
@@ -628,6 +764,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
   Tensor cnt = at::empty({n_units * v2::kWarps}, opts.dtype(at::kInt));
   Tensor row_n = at::empty({B}, opts.dtype(at::kDouble));
   const bool search = p.mode != kPPO && !sel_meta.has_value();
+  const Next next = next_from_env();
   Tensor surv = search ? at::empty({N}, opts.dtype(at::kLong)) : Tensor();
   Tensor digits = search && p.mode == kKLCov ? at::empty({N}, opts.dtype(at::kShort)) : Tensor();
   COVRL_DISPATCH_FLOAT(log_prob.scalar_type(), "policy_loss_fwd_cuda", [&] {
@@ -641,7 +778,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     gpu::launch(v2::stats<scalar_t, acc_t>, g_stats, v2::kT, stream, in, T, C, n_units, part.data_ptr<double>(),
                 cnt.data_ptr<int>());
     gpu::launch(v2::finalize_stats, 1, v2::kBig, stream, part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B,
-                C, fraction, st, mt, rn, s);
+                C, fraction, st, mt, rn, s, next.finalize);
     v2::with_mode(p.mode, [&](auto mc) {
       constexpr int M = decltype(mc)::value;
       acc_t* lo = loss.data_ptr<acc_t>();
@@ -650,7 +787,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
         const auto kmain = v2::main_pass<scalar_t, acc_t, M, false>;
         const int gm = v2::persistent_grid(kmain, n_units);
         Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-        gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>());
+        gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>(),
+                    next.reverse);
         gpu::launch(v2::tail<scalar_t, acc_t, M, false>, 1, v2::kBig, stream, in, T, p, s, rn,
                     out.data_ptr<double>(), gm, nullptr, g, sel, lo, me, N);
         return;
@@ -660,11 +798,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
       const auto kmain = v2::main_pass<scalar_t, acc_t, M, true>;
       const int gm = v2::persistent_grid(kmain, n_units);
       Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-      gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>());
+      gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>(),
+                  next.reverse);
       gpu::launch(v2::select_top, 1, v2::kBig, stream, s);
-      const auto kfilter = v2::filter<scalar_t, acc_t, M>;
-      gpu::launch(kfilter, v2::persistent_grid(kfilter, n_units), v2::kT, stream, in, T, C, n_units, p, s, sel, dg,
-                  sv);
+      if (next.filter) {
+        const auto kflat = v2::filter_flat<scalar_t, acc_t, M>;
+        const int64_t per_vec = M == kClipCov ? 16 : 8, blocks = ((N + per_vec - 1) / per_vec + v2::kT - 1) / v2::kT;
+        gpu::launch(kflat, v2::persistent_grid(kflat, blocks), v2::kT, stream, in, T, N, p, s, sel, dg, sv);
+      } else {
+        const auto kfilter = v2::filter<scalar_t, acc_t, M>;
+        gpu::launch(kfilter, v2::persistent_grid(kfilter, n_units), v2::kT, stream, in, T, C, n_units, p, s, sel,
+                    dg, sv);
+      }
       gpu::launch(v2::tail<scalar_t, acc_t, M, true>, 1, v2::kBig, stream, in, T, p, s, rn, out.data_ptr<double>(),
                   gm, sv, g, sel, lo, me, N);
     });

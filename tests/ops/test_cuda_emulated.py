@@ -118,7 +118,7 @@ def test_emulator_catches_a_skipped_warp_intrinsic(simt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("mode,agg", list(itertools.product(reference.MODES, reference.AGGS)))
-def test_policy_loss_matches_cpu(simt, mode, agg, dtype):
+def test_policy_loss_matches_cpu(simt, cuda_variant, mode, agg, dtype):
     for shape in ((7, 83), (12, 2500)):
         lp, olp, adv, mask = sample_inputs(*shape, dtype=dtype, seed=20)
         mask[3] = False  # an all-masked row
@@ -127,7 +127,7 @@ def test_policy_loss_matches_cpu(simt, mode, agg, dtype):
 
 
 @pytest.mark.parametrize("case", sorted(STRESS))
-def test_policy_loss_stress_cases(simt, case):
+def test_policy_loss_stress_cases(simt, cuda_variant, case):
     """The GPU suite's larger and degenerate selection cases (test_cuda_selection_stress)."""
     # the emulator runs ~1 M tokens/s: at most 16 rows keeps the big cases to <= 65k tokens
     mode, (lp, olp, adv, mask), kw = stress_inputs(case, max_rows=16)
@@ -141,7 +141,7 @@ def test_policy_loss_stress_cases(simt, case):
 
 @pytest.mark.parametrize("sms,per_sm,seed", [(1, 1, 0), (2, 3, 1), (7, 2, 2), (64, 1, 3)])
 @pytest.mark.parametrize("mode", reference.MODES)
-def test_policy_loss_any_grid_and_thread_order(simt, monkeypatch, mode, sms, per_sm, seed):
+def test_policy_loss_any_grid_and_thread_order(simt, cuda_variant, monkeypatch, mode, sms, per_sm, seed):
     """Persistent grids of 1..64 blocks and shuffled thread orders give the CPU's answer."""
     monkeypatch.setenv("COVRL_SIMT_SMS", str(sms))
     monkeypatch.setenv("COVRL_SIMT_PER_SM", str(per_sm))
@@ -150,14 +150,14 @@ def test_policy_loss_any_grid_and_thread_order(simt, monkeypatch, mode, sms, per
     assert_same(*both(simt, lp, olp, adv, mask, op_args(mode, T=4500, **KW)))
 
 
-def test_policy_loss_dual_clip_and_per_sequence_advantages(simt):
+def test_policy_loss_dual_clip_and_per_sequence_advantages(simt, cuda_variant):
     lp, olp, adv, mask = sample_inputs(10, 700, seed=41, adv_per_seq=True)
     assert_same(*both(simt, lp, olp, adv, mask, op_args("ppo", dual_clip=3.0, T=700)))
     assert_same(*both(simt, lp, olp, adv, mask, op_args("kl_cov", "seq-mean-token-sum-norm", norm=512.0,
                                                          kl_cov_fraction=0.01, T=700)))
 
 
-def test_policy_loss_strided_inputs(simt):
+def test_policy_loss_strided_inputs(simt, cuda_variant):
     lp, olp, adv, mask = sample_inputs(8, 900, seed=42)
     lp_t = lp.t().contiguous().t()  # column-major view
     args = op_args("clip_cov", T=900, **KW)
@@ -168,7 +168,7 @@ def test_policy_loss_strided_inputs(simt):
 
 
 @pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
-def test_policy_loss_given_selection_and_keys(simt, mode):
+def test_policy_loss_given_selection_and_keys(simt, cuda_variant, mode):
     """compute_selection's statistics (global means, threshold, row offset) used by the kernels."""
     import covrl
 
@@ -183,7 +183,7 @@ def test_policy_loss_given_selection_and_keys(simt, mode):
 
 
 @pytest.mark.parametrize("mode", reference.MODES)
-def test_policy_loss_non_finite_poison_and_empty(simt, mode):
+def test_policy_loss_non_finite_poison_and_empty(simt, cuda_variant, mode):
     """CUDA's answer to a non-finite unmasked input (the CPU kernel raises instead)."""
     lp, olp, adv, mask = sample_inputs(6, 300, seed=44, p_mask=0.0)
     lp[2, 7] = float("inf")
@@ -195,6 +195,21 @@ def test_policy_loss_non_finite_poison_and_empty(simt, mode):
     emu, cpu = both(simt, lp, olp, adv, mask, op_args(mode, T=300, **KW))
     assert float(emu[0]) == 0.0 and torch.equal(emu[1], torch.zeros_like(emu[1]))
     assert_same(emu, cpu)
+
+
+@pytest.mark.parametrize("items", ["finalize", "filter", "reverse", "filter,reverse", "none"])
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_policy_loss_each_next_item_alone(simt, monkeypatch, mode, items):
+    monkeypatch.setenv("COVRL_PL_CUDA_NEXT", items)
+    lp, olp, adv, mask = sample_inputs(5, 2333, seed=45)  # N = 11665: a partial last vector
+    assert_same(*both(simt, lp, olp, adv, mask, op_args(mode, T=2333, **KW)))
+
+
+def test_policy_loss_next_env_is_checked(simt, monkeypatch):
+    monkeypatch.setenv("COVRL_PL_CUDA_NEXT", "filter,fast")
+    lp, olp, adv, mask = sample_inputs(2, 50, seed=46)
+    with pytest.raises(ValueError, match="COVRL_PL_CUDA_NEXT: unknown item 'fast'"):
+        simt.policy_loss_fwd(lp, olp, adv, mask, *op_args("kl_cov", T=50))
 
 
 # -------------------------------------------------------------------------- logprob_entropy

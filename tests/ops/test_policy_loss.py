@@ -348,7 +348,7 @@ gpu = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs CUDA and the covrl C
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,agg", list(itertools.product(MODES, AGGS)))
-def test_cuda_matches_cpu(mode, agg, dtype):
+def test_cuda_matches_cpu(cuda_variant, mode, agg, dtype):
     for shape in ((7, 83), (64, 1000)):
         lp, olp, adv, mask = sample_inputs(*shape, dtype=dtype, seed=20)
         outs = []
@@ -381,7 +381,7 @@ def test_cuda_selection_and_keys_match_cpu(mode):
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_non_finite_poisons_loss_without_sync():
+def test_cuda_non_finite_poisons_loss_without_sync(cuda_variant):
     lp, olp, adv, mask = (t.cuda() for t in sample_inputs(4, 64, seed=22, p_mask=0.0))
     lp[1, 1] = float("inf")
     x = lp.clone().requires_grad_()
@@ -394,7 +394,7 @@ def test_cuda_non_finite_poisons_loss_without_sync():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_graph_capture_forward_backward(mode):
+def test_cuda_graph_capture_forward_backward(cuda_variant, mode):
     lp, olp, adv, mask = (t.cuda() for t in sample_inputs(32, 512, seed=23))
     x = lp.clone().requires_grad_()
     s = torch.cuda.Stream()
@@ -422,7 +422,7 @@ def test_cuda_graph_capture_forward_backward(mode):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_op_and_selection_never_sync(mode):
+def test_cuda_op_and_selection_never_sync(cuda_variant, mode):
     lp, olp, adv, mask = (t.cuda() for t in sample_inputs(8, 256, seed=24))
     x = lp.clone().requires_grad_()
     torch.cuda.synchronize()
@@ -490,7 +490,7 @@ def stress_inputs(case, max_rows=None):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", sorted(STRESS))
-def test_cuda_selection_stress(case):
+def test_cuda_selection_stress(cuda_variant, case):
     """Selected set, loss, gradient and metrics of CUDA == CPU on larger and degenerate inputs."""
     mode, (lp, olp, adv, mask), kw = stress_inputs(case)
     B, T = lp.shape
