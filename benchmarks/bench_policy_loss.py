@@ -17,7 +17,7 @@ results header. --profile (CUDA) runs torch.profiler over a few eager
 covrl steps per mode at --profile-shape and writes a per-kernel table to --profile-out.
 Writes a markdown table (benchmarks/results/policy_loss_<device>.md by default).
 
---next all,finalize,filter,reverse (CUDA) also times the opt-in candidate forward kernels
+--next all,finalize,filter,occupancy,reverse (CUDA) also times the opt-in candidate forward kernels
 (the COVRL_PL_CUDA_NEXT switch of csrc/cuda/policy_loss.cu) at --profile-shape, each against
 the default kernels in the same run (graph replay; the default is timed before and after),
 into --next-out; with --profile, the first variant is profiled too (--next-profile-out).

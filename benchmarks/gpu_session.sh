@@ -19,7 +19,7 @@
 #
 # Knobs (env): PY (python, default python3), OUT (default /tmp/out), BUDGET (seconds),
 # PLAN (full, the default, or policy: skip the logits benchmark), NEXT (the COVRL_PL_CUDA_NEXT
-# values timed against the default kernels, default all,finalize,filter,reverse),
+# values timed against the default kernels, default all,finalize,filter,occupancy,reverse),
 # SKIP_BUILD=1 (use the installed build; for a local dry run), FORCE=1 (run the benchmarks
 # even when covrl has no CUDA kernels).
 set -u
@@ -125,7 +125,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         step "bench policy_loss +profile" 150 "$STEPS_LOG" \
             $PY benchmarks/bench_policy_loss.py --device cuda \
             --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md" \
-            --next "${NEXT:-all,finalize,filter,reverse}" --next-out "$OUT/policy_loss_cuda_next.md" \
+            --next "${NEXT:-all,finalize,filter,occupancy,reverse}" --next-out "$OUT/policy_loss_cuda_next.md" \
             --next-profile-out "$OUT/policy_loss_cuda_profile_next.md"
         if [ "${PLAN:-full}" = full ]; then
             step "bench logprob_entropy +profile" 120 "$STEPS_LOG" \

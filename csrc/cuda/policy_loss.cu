@@ -239,10 +239,10 @@ __global__ void __launch_bounds__(kT) stats(Loader<scalar_t, acc_t> in, int64_t 
   }
 }
 
+template <bool kWarpRows>
 __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n_part, const int* cnt, int64_t B,
                                                        int64_t C, double fraction, const double* sel_stats,
-                                                       const int64_t* sel_meta, double* row_n, State* s,
-                                                       bool warp_rows) {
+                                                       const int64_t* sel_meta, double* row_n, State* s) {
   for (int j = threadIdx.x; j < kTopBins; j += blockDim.x) s->hist[j] = 0;
   double v[4] = {0, 0, 0, 0};  // sum A, sum logp, n, rows with a valid token
   for (int b = threadIdx.x; b < n_part; b += blockDim.x) {
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
     v[1] += part[2 * b + 1];
   }
   const int64_t per_row = C * kWarps;
-  if (!warp_rows) {
+  if (!kWarpRows) {
     // Serial over a row's C * 8 per-warp counts: 11.3 us at 512x8192 on an H100, the largest
     // of the small kernels (a chain of dependent loads per thread).
     for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
       v[3] += n > 0 ? 1 : 0;
     }
   } else {
-    // [next] One warp per row: the lanes load the row's counts side by side, then a shuffle sum.
+    // [next: finalize] One warp per row: the lanes load the row's counts side by side, then a shuffle sum.
     const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     for (int64_t r = threadIdx.x >> 5; r < B; r += nw) {  // uniform within the warp
       long long n = 0;
@@ -306,10 +306,9 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
 // eligible token (aggregating them per warp with __match_any_sync measured slower on an H100:
 // 42.5 vs 34.5 us for the KL-Cov main pass at 512x8192).
 template <typename scalar_t, typename acc_t, int M, bool kSearch>
-__global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
-                                                Params p, State* s, const double* row_n, acc_t* grad,
-                                                uint8_t* selected, uint16_t* digits, double* out,
-                                                bool reverse) {
+__device__ __forceinline__ void main_body(const Loader<scalar_t, acc_t>& in, int64_t T, int64_t C, int64_t n_units,
+                                          const Params& p, State* s, const double* row_n, acc_t* grad,
+                                          uint8_t* selected, uint16_t* digits, double* out, bool reverse) {
   __shared__ unsigned int hist[kSearch ? kTopBins : 1];
   if (kSearch) {
     for (int j = threadIdx.x; j < kTopBins; j += kT) hist[j] = 0;
@@ -320,7 +319,7 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   const long long thr = kSearch ? -1 : s->thr;
   double v[kNOut] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t j = blockIdx.x; j < n_units; j += gridDim.x) {
-    // [next] reverse: the units stats read last (still in L2) first.
+    // [next: reverse] the units stats read last (likely still in L2) first
     const int64_t u = reverse ? n_units - 1 - j : j;
     const Unit un(u, C, T);
     const double sc = row_scale(p.agg, s->n_valid, s->n_seq, row_n[un.r], p.norm);
@@ -384,6 +383,26 @@ __global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int6
   block_sum(v);
   if (threadIdx.x == 0)
     for (int j = 0; j < kNOut; ++j) out[blockIdx.x * kNOut + j] = v[j];
+}
+
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
+__global__ void __launch_bounds__(kT) main_pass(Loader<scalar_t, acc_t> in, int64_t T, int64_t C, int64_t n_units,
+                                                Params p, State* s, const double* row_n, acc_t* grad,
+                                                uint8_t* selected, uint16_t* digits, double* out) {
+  main_body<scalar_t, acc_t, M, kSearch>(in, T, C, n_units, p, s, row_n, grad, selected, digits, out, false);
+}
+
+// [next: occupancy, reverse] The same pass compiled for 4 resident blocks per SM. Left free,
+// ptxas gives main_pass 70-74 registers for the Clip-Cov / KL-Cov passes (sm_90, fp32): 3 blocks
+// of 256 threads per SM. Capped at 64 it does not spill for KL-Cov and ppo (24 bytes for
+// Clip-Cov), so a third more loads are in flight. `reverse` walks the units backwards, so the
+// first ones it reads are the last that stats read (likely still in L2).
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
+__global__ void __launch_bounds__(kT, 4) main_pass_next(Loader<scalar_t, acc_t> in, int64_t T, int64_t C,
+                                                        int64_t n_units, Params p, State* s, const double* row_n,
+                                                        acc_t* grad, uint8_t* selected, uint16_t* digits,
+                                                        double* out, bool reverse) {
+  main_body<scalar_t, acc_t, M, kSearch>(in, T, C, n_units, p, s, row_n, grad, selected, digits, out, reverse);
 }
 
 // The top digit holding the k-th smallest key.
@@ -684,9 +703,10 @@ int persistent_grid(K kernel, int64_t units) {
 // one run: COVRL_PL_CUDA_NEXT=all, or a comma list of
 //   finalize  one warp per row for the per-row valid counts in finalize_stats
 //   filter    the flat 16-byte-vector filter (filter_flat)
-//   reverse   main walks the units backwards (the last ones stats read are still in L2)
+//   occupancy the main pass compiled for 4 resident blocks per SM (main_pass_next)
+//   reverse   main_pass_next walking the units backwards (so it implies occupancy)
 struct Next {
-  bool finalize = false, filter = false, reverse = false;
+  bool finalize = false, filter = false, reverse = false, occupancy = false;
 };
 
 Next next_from_env() {
@@ -698,13 +718,14 @@ Next next_from_env() {
     const size_t cut = rest.find(',');
     const std::string w = rest.substr(0, cut);
     rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
-    if (w == "all") n.finalize = n.filter = n.reverse = true;
+    if (w == "all") n.finalize = n.filter = n.reverse = n.occupancy = true;
     else if (w == "finalize") n.finalize = true;
     else if (w == "filter") n.filter = true;
     else if (w == "reverse") n.reverse = true;
+    else if (w == "occupancy") n.occupancy = true;
     else if (w == "none" || w.empty()) continue;
     else TORCH_CHECK_VALUE(false, "COVRL_PL_CUDA_NEXT: unknown item '", w, "' (expected a comma list of "
-                                  "finalize, filter, reverse, or all / none)");
+                                  "finalize, filter, reverse, occupancy, or all / none)");
   }
   return n;
 }
@@ -720,6 +741,27 @@ Loader<scalar_t, acc_t> loader(const Prepared& q, int64_t T) {
   in.as = q.adv_row ? 1 : T;
   in.ats = q.adv_row ? 0 : 1;
   return in;
+}
+
+// The main pass (main_pass, or main_pass_next for COVRL_PL_CUDA_NEXT=occupancy / reverse); `out`
+// gets kNOut partial sums per block. Returns the number of blocks.
+template <typename scalar_t, typename acc_t, int M, bool kSearch>
+int launch_main(const Next& next, int64_t n_units, gpu::Stream stream, const Loader<scalar_t, acc_t>& in,
+                int64_t T, int64_t C, const Params& p, v2::State* s, const double* rn, acc_t* g, uint8_t* sel,
+                uint16_t* dg, const at::TensorOptions& opts, Tensor& out) {
+  if (next.occupancy || next.reverse) {
+    const auto k = v2::main_pass_next<scalar_t, acc_t, M, kSearch>;
+    const int gm = v2::persistent_grid(k, n_units);
+    out = at::empty({gm * v2::kNOut}, opts);
+    gpu::launch(k, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>(),
+                next.reverse);
+    return gm;
+  }
+  const auto k = v2::main_pass<scalar_t, acc_t, M, kSearch>;
+  const int gm = v2::persistent_grid(k, n_units);
+  out = at::empty({gm * v2::kNOut}, opts);
+  gpu::launch(k, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>());
+  return gm;
 }
 
 void check_selection(const Tensor& lp, const c10::optional<Tensor>& st, const c10::optional<Tensor>& meta) {
@@ -777,29 +819,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     Tensor part = at::empty({2 * g_stats}, opts.dtype(at::kDouble));
     gpu::launch(v2::stats<scalar_t, acc_t>, g_stats, v2::kT, stream, in, T, C, n_units, part.data_ptr<double>(),
                 cnt.data_ptr<int>());
-    gpu::launch(v2::finalize_stats, 1, v2::kBig, stream, part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B,
-                C, fraction, st, mt, rn, s, next.finalize);
+    gpu::launch(next.finalize ? v2::finalize_stats<true> : v2::finalize_stats<false>, 1, v2::kBig, stream,
+                part.data_ptr<double>(), g_stats, cnt.data_ptr<int>(), B, C, fraction, st, mt, rn, s);
     v2::with_mode(p.mode, [&](auto mc) {
       constexpr int M = decltype(mc)::value;
       acc_t* lo = loss.data_ptr<acc_t>();
       float* me = metrics.data_ptr<float>();
       if (!search) {
-        const auto kmain = v2::main_pass<scalar_t, acc_t, M, false>;
-        const int gm = v2::persistent_grid(kmain, n_units);
-        Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-        gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, nullptr, out.data_ptr<double>(),
-                    next.reverse);
+        Tensor out;
+        const int gm = launch_main<scalar_t, acc_t, M, false>(next, n_units, stream, in, T, C, p, s, rn, g, sel,
+                                                               nullptr, opts.dtype(at::kDouble), out);
         gpu::launch(v2::tail<scalar_t, acc_t, M, false>, 1, v2::kBig, stream, in, T, p, s, rn,
                     out.data_ptr<double>(), gm, nullptr, g, sel, lo, me, N);
         return;
       }
       int64_t* sv = surv.data_ptr<int64_t>();
       uint16_t* dg = digits.defined() ? reinterpret_cast<uint16_t*>(digits.data_ptr<int16_t>()) : nullptr;
-      const auto kmain = v2::main_pass<scalar_t, acc_t, M, true>;
-      const int gm = v2::persistent_grid(kmain, n_units);
-      Tensor out = at::empty({gm * v2::kNOut}, opts.dtype(at::kDouble));
-      gpu::launch(kmain, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>(),
-                  next.reverse);
+      Tensor out;
+      const int gm = launch_main<scalar_t, acc_t, M, true>(next, n_units, stream, in, T, C, p, s, rn, g, sel, dg,
+                                                            opts.dtype(at::kDouble), out);
       gpu::launch(v2::select_top, 1, v2::kBig, stream, s);
       if (next.filter) {
         const auto kflat = v2::filter_flat<scalar_t, acc_t, M>;

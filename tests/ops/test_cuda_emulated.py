@@ -197,7 +197,7 @@ def test_policy_loss_non_finite_poison_and_empty(simt, cuda_variant, mode):
     assert_same(emu, cpu)
 
 
-@pytest.mark.parametrize("items", ["finalize", "filter", "reverse", "filter,reverse", "none"])
+@pytest.mark.parametrize("items", ["finalize", "filter", "occupancy", "reverse", "filter,reverse", "none"])
 @pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
 def test_policy_loss_each_next_item_alone(simt, monkeypatch, mode, items):
     monkeypatch.setenv("COVRL_PL_CUDA_NEXT", items)
