@@ -10,6 +10,7 @@
 #   policy_loss_cuda_profile.md per-kernel table (torch.profiler) at 512x8192
 #   policy_loss_cuda_next.md    the COVRL_PL_CUDA_NEXT candidate kernels vs the default, same run
 #   policy_loss_cuda_profile_next.md  per-kernel table with the first NEXT value
+#   host_overhead_cuda.md       bench_host_overhead.py (eager call at 8 tokens: the wrapper's cost)
 #   logprob_entropy_cuda.md     bench_logprob_entropy.py (covrl vs eager vs Liger)   [PLAN=full]
 #   logprob_entropy_profile.md  per-kernel table of the logits kernels               [PLAN=full]
 #
@@ -127,6 +128,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
             --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md" \
             --next "${NEXT:-all,finalize,filter,occupancy,reverse}" --next-out "$OUT/policy_loss_cuda_next.md" \
             --next-profile-out "$OUT/policy_loss_cuda_profile_next.md"
+        step "bench host overhead" 60 "$STEPS_LOG" \
+            $PY benchmarks/bench_host_overhead.py --device cuda --out "$OUT/host_overhead_cuda.md"
         if [ "${PLAN:-full}" = full ]; then
             step "bench logprob_entropy +profile" 120 "$STEPS_LOG" \
                 $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 \
@@ -165,6 +168,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         awk '/^## /{print; n=0} /^Device time/{print} /^\| `/{if (n < 7) print; n++}' \
             "$OUT/policy_loss_cuda_profile_next.md" | cut -c1-200
     fi
+    note "--- host overhead of an eager call (8 tokens) ---"
+    rows "$OUT/host_overhead_cuda.md"
     note "--- logprob_entropy ---"
     rows "$OUT/logprob_entropy_cuda.md"
     note "--- logprob_entropy profile ---"

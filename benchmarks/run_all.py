@@ -25,6 +25,8 @@ def jobs(device: str) -> dict[str, list[str]]:
                         "--out", str(RESULTS / f"policy_loss_{suffix}.md")],
         "logprob_entropy": ["bench_logprob_entropy.py", "--device", device,
                             "--out", str(RESULTS / f"logprob_entropy_{suffix}.md")],
+        "host_overhead": ["bench_host_overhead.py", "--device", device,
+                          "--out", str(RESULTS / f"host_overhead_{suffix}.md")],
         "reward": ["bench_reward.py", "--out", str(RESULTS / "reward_cpu.md")],
         "services": ["bench_services.py", "--out", str(RESULTS / "services_cpu.md")],
         "demo_step": ["bench_demo_step.py"],

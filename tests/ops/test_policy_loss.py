@@ -154,6 +154,25 @@ def test_opcheck():
                           (lp, olp, adv, mask, sel.stats, sel.meta, "kl_cov", 0.2, 0.2, 1.0, 5.0, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_gradient_equals_the_ops_own_autograd(dtype):
+    """covrl.policy_loss wraps the op in its own autograd.Function (less host overhead); its
+    gradient must be the registered autograd's: scaled by the incoming gradient, log_prob only."""
+    lp, olp, adv, mask = sample_inputs(5, 40, seed=8, dtype=dtype)
+    x, y = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    a = adv.clone().requires_grad_()
+    loss, m = covrl.policy_loss(x, olp, a, mask, mode="kl_cov", **KW)
+    (3.0 * loss).backward()
+    want = torch.ops.covrl.policy_loss_fwd(y, olp, adv, mask, None, None, None, "kl_cov", "token-mean", 0.2,
+                                           0.2, None, KW["kl_cov_fraction"], KW["clip_cov_lb"],
+                                           KW["clip_cov_ub"], 1.0, 0, 40.0)[0]
+    (3.0 * want).backward()
+    assert x.grad.dtype == dtype and torch.equal(x.grad, y.grad) and torch.equal(loss, want)
+    assert a.grad is None and not m["cov"].requires_grad
+    with torch.no_grad():
+        assert not covrl.policy_loss(lp, olp, adv, mask, mode="kl_cov", **KW)[0].requires_grad
+
+
 @pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
 def test_keys_op_matches_reference(mode):
     lp, olp, adv, mask = sample_inputs(5, 77, seed=8)
