@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
     v[1] += part[2 * b + 1];
   }
   const int64_t per_row = C * kWarps;
-  if (!kWarpRows) {
+  if constexpr (!kWarpRows) {
     // Serial over a row's C * 8 per-warp counts: 11.3 us at 512x8192 on an H100, the largest
     // of the small kernels (a chain of dependent loads per thread).
     for (int64_t r = threadIdx.x; r < B; r += blockDim.x) {
@@ -261,17 +261,25 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
       v[3] += n > 0 ? 1 : 0;
     }
   } else {
-    // [next: finalize] One warp per row: the lanes load the row's counts side by side, then a shuffle sum.
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int64_t r = threadIdx.x >> 5; r < B; r += nw) {  // uniform within the warp
-      long long n = 0;
-      for (int64_t j = lane; j < per_row; j += 32) n += cnt[r * per_row + j];
-      for (int o = 16; o > 0; o >>= 1) n += __shfl_down_sync(0xffffffffu, n, o);
-      if (lane == 0) {
-        row_n[r] = static_cast<double>(n);
+    // [next: finalize] Every thread at once, in tiles of up to 1024 rows: thread t adds counts
+    // t, t + 1024, ... of the tile (coalesced, independent loads) into a shared per-row sum.
+    __shared__ unsigned int acc[kBig];
+    for (int64_t r0 = 0; r0 < B; r0 += kBig) {
+      const int64_t rows = B - r0 < kBig ? B - r0 : kBig, n_cnt = rows * per_row;
+      const int* base = cnt + r0 * per_row;
+      for (int j = threadIdx.x; j < rows; j += blockDim.x) acc[j] = 0;
+      __syncthreads();
+#pragma unroll 4
+      for (int64_t j = threadIdx.x; j < n_cnt; j += blockDim.x)
+        atomicAdd(&acc[j / per_row], static_cast<unsigned int>(base[j]));
+      __syncthreads();
+      for (int j = threadIdx.x; j < rows; j += blockDim.x) {
+        const unsigned int n = acc[j];
+        row_n[r0 + j] = static_cast<double>(n);
         v[2] += static_cast<double>(n);
         v[3] += n > 0 ? 1 : 0;
       }
+      __syncthreads();  // the next tile resets acc
     }
   }
   block_sum(v);
@@ -701,7 +709,7 @@ int persistent_grid(K kernel, int64_t units) {
 // Candidate forward kernels that have not been timed on a GPU yet (they pass the same tests in
 // the SIMT emulator), opt-in so that a GPU session can compare them with the measured default in
 // one run: COVRL_PL_CUDA_NEXT=all, or a comma list of
-//   finalize  one warp per row for the per-row valid counts in finalize_stats
+//   finalize  finalize_stats sums the per-row valid counts with every thread at once
 //   filter    the flat 16-byte-vector filter (filter_flat)
 //   occupancy the main pass compiled for 4 resident blocks per SM (main_pass_next)
 //   reverse   main_pass_next walking the units backwards (so it implies occupancy)

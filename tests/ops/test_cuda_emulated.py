@@ -150,6 +150,14 @@ def test_policy_loss_any_grid_and_thread_order(simt, cuda_variant, monkeypatch, 
     assert_same(*both(simt, lp, olp, adv, mask, op_args(mode, T=4500, **KW)))
 
 
+@pytest.mark.parametrize("mode", reference.MODES)
+def test_policy_loss_more_rows_than_threads(simt, cuda_variant, mode):
+    """More rows than finalize_stats has threads (1024): its per-row loops take several tiles."""
+    lp, olp, adv, mask = sample_inputs(1030, 5, seed=47, adv_per_seq=True)
+    mask[1027] = False  # in the second tile
+    assert_same(*both(simt, lp, olp, adv, mask, op_args(mode, "seq-mean-token-mean", T=5, **KW)))
+
+
 def test_policy_loss_dual_clip_and_per_sequence_advantages(simt, cuda_variant):
     lp, olp, adv, mask = sample_inputs(10, 700, seed=41, adv_per_seq=True)
     assert_same(*both(simt, lp, olp, adv, mask, op_args("ppo", dual_clip=3.0, T=700)))

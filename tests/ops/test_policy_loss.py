@@ -488,6 +488,8 @@ STRESS = {
                   dict(clip_cov_fraction=0.003, clip_cov_lb=0.1, clip_cov_ub=3.0)),
     "kl_one_token": ("kl_cov", 1, 1, {}, dict(kl_cov_fraction=0.5)),
     "kl_all_masked_row": ("kl_cov", 8, 777, dict(mask_row=3), dict(kl_cov_fraction=0.01)),
+    "clip_many_rows": ("clip_cov", 2100, 9, dict(mask_row=5),
+                       dict(clip_cov_fraction=0.01, clip_cov_lb=0.1, clip_cov_ub=3.0)),
 }
 
 
