@@ -15,7 +15,7 @@
 #   logprob_entropy_profile.md  per-kernel table of the logits kernels               [PLAN=full]
 #
 # Each step runs under `timeout` and never past the session deadline (BUDGET seconds after
-# the start, default 420); a failed step does not stop the next one. The summary at the end
+# the start, default 480); a failed step does not stop the next one. The summary at the end
 # is compact because the device reply keeps only the last 12,000 characters of output.
 #
 # Knobs (env): PY (python, default python3), OUT (default /tmp/out), BUDGET (seconds),
@@ -27,7 +27,7 @@ set -u
 
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/out}
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-480}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 SESSION="${SESSION_LOG:-/tmp/gpu_session.log}"  # the reply carries its tail
@@ -117,19 +117,22 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', tv, 'gpu
         SUMMARY+=("$(printf '%-28s %-8s' kernel_info NO_CUDA)")
     fi
 
-    # --- value order: GPU tests, policy-loss benchmark + profile, logits benchmark + profile ------
+    # --- value order: GPU tests, candidate kernels, host overhead, policy-loss table, logits -------
     step "tests gpu" 200 "$STEPS_LOG" \
         $PY -m pytest -q -ra -m gpu tests/ops -p no:cacheprovider --timeout 120
     note "   $(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEPS_LOG" | tail -n 1)"
 
     if ((has_cuda == 1)) || [ "${FORCE:-0}" = 1 ]; then
-        step "bench policy_loss +profile" 150 "$STEPS_LOG" \
-            $PY benchmarks/bench_policy_loss.py --device cuda \
-            --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md" \
+        # the candidate kernels first: their table decides what the next default is
+        step "bench policy_loss next" 120 "$STEPS_LOG" \
+            $PY benchmarks/bench_policy_loss.py --device cuda --next-only --profile \
             --next "${NEXT:-all,finalize,filter,occupancy,reverse}" --next-out "$OUT/policy_loss_cuda_next.md" \
             --next-profile-out "$OUT/policy_loss_cuda_profile_next.md"
         step "bench host overhead" 60 "$STEPS_LOG" \
             $PY benchmarks/bench_host_overhead.py --device cuda --out "$OUT/host_overhead_cuda.md"
+        step "bench policy_loss +profile" 150 "$STEPS_LOG" \
+            $PY benchmarks/bench_policy_loss.py --device cuda \
+            --out "$OUT/policy_loss_cuda.md" --profile --profile-out "$OUT/policy_loss_cuda_profile.md"
         if [ "${PLAN:-full}" = full ]; then
             step "bench logprob_entropy +profile" 120 "$STEPS_LOG" \
                 $PY benchmarks/bench_logprob_entropy.py --device cuda --reps 5 \

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -107,7 +108,10 @@ __global__ void key_kernel(Loader<scalar_t, acc_t> in, int64_t T, Params p, cons
 // The token kernels run a persistent grid (as many blocks as fit on the GPU at once). Their
 // work comes in units of kChunk tokens of one row; each warp takes its own 256 tokens of a
 // unit, so there is no block barrier per unit. Sums are per block (fixed unit-to-block
-// assignment) and per-row counts are integers: deterministic.
+// assignment) and per-row counts are integers: deterministic for a given GPU. One exception:
+// tail adds the selected tokens' loss changes in survivor order, which the filter's atomics
+// make run-dependent (the last bits of the float64 loss can differ between runs; the selected
+// set, gradient and metrics cannot).
 //   1. stats          sum A, sum logp (per block), valid count per (unit, warp)
 //   2. finalize_stats one block: means, n per row, k; zeroes the 4096-bin histogram
 //   3. main           loss + gradient WITHOUT the covariance selection (or with it when the
@@ -261,17 +265,24 @@ __global__ void __launch_bounds__(kBig) finalize_stats(const double* part, int n
       v[3] += n > 0 ? 1 : 0;
     }
   } else {
-    // [next: finalize] Every thread at once, in tiles of up to 1024 rows: thread t adds counts
-    // t, t + 1024, ... of the tile (coalesced, independent loads) into a shared per-row sum.
+    // [next: finalize] Every thread at once, in tiles of up to 1024 rows: thread t sums the 8
+    // per-warp counts of units t, t + 1024, ... of the tile (32 contiguous bytes each, so a warp
+    // reads 1 KiB at once) and adds them to its row's shared sum (C units per row).
     __shared__ unsigned int acc[kBig];
+    const unsigned int c = static_cast<unsigned int>(C);  // C <= 2^31 / kChunk
     for (int64_t r0 = 0; r0 < B; r0 += kBig) {
-      const int64_t rows = B - r0 < kBig ? B - r0 : kBig, n_cnt = rows * per_row;
+      const int64_t rows = B - r0 < kBig ? B - r0 : kBig;
+      const unsigned int units = static_cast<unsigned int>(rows) * c;  // <= 2^30
       const int* base = cnt + r0 * per_row;
       for (int j = threadIdx.x; j < rows; j += blockDim.x) acc[j] = 0;
       __syncthreads();
-#pragma unroll 4
-      for (int64_t j = threadIdx.x; j < n_cnt; j += blockDim.x)
-        atomicAdd(&acc[j / per_row], static_cast<unsigned int>(base[j]));
+      for (unsigned int u = threadIdx.x; u < units; u += blockDim.x) {
+        const int* w = base + static_cast<int64_t>(u) * kWarps;
+        unsigned int n = 0;
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) n += static_cast<unsigned int>(w[q]);
+        atomicAdd(&acc[u / c], n);
+      }
       __syncthreads();
       for (int j = threadIdx.x; j < rows; j += blockDim.x) {
         const unsigned int n = acc[j];
@@ -540,8 +551,10 @@ __global__ void __launch_bounds__(kT) filter_flat(Loader<scalar_t, acc_t> in, in
     raw.w[0] = raw.w[1] = raw.w[2] = raw.w[3] = 0xFFFFFFFFu;  // 0xFF: no flag, 0xFFFF: no digit
     if (v < full) {
       raw = vecs[v];
-    } else if (v < nvec) {  // the partial last vector
-      for (int q = 0; i0 + q < N; ++q) set_mark<kV>(raw, q, M == kClipCov ? selected[i0 + q] : digits[i0 + q]);
+    } else if (v < nvec) {  // the partial last vector (unrolled: raw stays in registers)
+#pragma unroll
+      for (int q = 0; q < kV; ++q)
+        if (i0 + q < N) set_mark<kV>(raw, q, M == kClipCov ? selected[i0 + q] : digits[i0 + q]);
     }
     unsigned hit = 0;  // bit q: the q-th mark is a candidate (Clip-Cov) / has a digit <= d (KL-Cov)
 #pragma unroll
@@ -556,7 +569,9 @@ __global__ void __launch_bounds__(kT) filter_flat(Loader<scalar_t, acc_t> in, in
       if (v < full) {
         vecs[v] = raw;
       } else {
-        for (int q = 0; i0 + q < N; ++q) selected[i0 + q] = static_cast<uint8_t>(mark<kV>(raw, q));
+#pragma unroll
+        for (int q = 0; q < kV; ++q)
+          if (i0 + q < N) selected[i0 + q] = static_cast<uint8_t>(mark<kV>(raw, q));
       }
     }
     if (!__ballot_sync(0xffffffffu, hit != 0)) continue;  // the common case: nothing here
@@ -711,7 +726,7 @@ int persistent_grid(K kernel, int64_t units) {
 // one run: COVRL_PL_CUDA_NEXT=all, or a comma list of
 //   finalize  finalize_stats sums the per-row valid counts with every thread at once
 //   filter    the flat 16-byte-vector filter (filter_flat)
-//   occupancy the main pass compiled for 4 resident blocks per SM (main_pass_next)
+//   occupancy the main pass compiled for 4 resident blocks per SM (main_pass_next; not fp64)
 //   reverse   main_pass_next walking the units backwards (so it implies occupancy)
 struct Next {
   bool finalize = false, filter = false, reverse = false, occupancy = false;
@@ -757,13 +772,15 @@ template <typename scalar_t, typename acc_t, int M, bool kSearch>
 int launch_main(const Next& next, int64_t n_units, gpu::Stream stream, const Loader<scalar_t, acc_t>& in,
                 int64_t T, int64_t C, const Params& p, v2::State* s, const double* rn, acc_t* g, uint8_t* sel,
                 uint16_t* dg, const at::TensorOptions& opts, Tensor& out) {
-  if (next.occupancy || next.reverse) {
-    const auto k = v2::main_pass_next<scalar_t, acc_t, M, kSearch>;
-    const int gm = v2::persistent_grid(k, n_units);
-    out = at::empty({gm * v2::kNOut}, opts);
-    gpu::launch(k, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>(),
-                next.reverse);
-    return gm;
+  if constexpr (!std::is_same_v<acc_t, double>) {  // fp64 keeps main_pass: capped at 64 it spills
+    if (next.occupancy || next.reverse) {
+      const auto k = v2::main_pass_next<scalar_t, acc_t, M, kSearch>;
+      const int gm = v2::persistent_grid(k, n_units);
+      out = at::empty({gm * v2::kNOut}, opts);
+      gpu::launch(k, gm, v2::kT, stream, in, T, C, n_units, p, s, rn, g, sel, dg, out.data_ptr<double>(),
+                  next.reverse);
+      return gm;
+    }
   }
   const auto k = v2::main_pass<scalar_t, acc_t, M, kSearch>;
   const int gm = v2::persistent_grid(k, n_units);
@@ -847,7 +864,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
       const int gm = launch_main<scalar_t, acc_t, M, true>(next, n_units, stream, in, T, C, p, s, rn, g, sel, dg,
                                                             opts.dtype(at::kDouble), out);
       gpu::launch(v2::select_top, 1, v2::kBig, stream, s);
-      if (next.filter) {
+      const bool aligned16 = reinterpret_cast<uintptr_t>(sel) % 16 == 0 &&
+                             (dg == nullptr || reinterpret_cast<uintptr_t>(dg) % 16 == 0);
+      if (next.filter && aligned16) {  // the caching allocators align to >= 256 bytes
         const auto kflat = v2::filter_flat<scalar_t, acc_t, M>;
         const int64_t per_vec = M == kClipCov ? 16 : 8, blocks = ((N + per_vec - 1) / per_vec + v2::kT - 1) / v2::kT;
         gpu::launch(kflat, v2::persistent_grid(kflat, blocks), v2::kT, stream, in, T, N, p, s, sel, dg, sv);

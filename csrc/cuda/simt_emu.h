@@ -8,11 +8,15 @@
 //
 // Model: blocks run one after another; the threads of a block run as cooperative fibers
 // (ucontext) that switch only at __syncthreads and the warp intrinsics. __shared__ becomes a
-// function-local static (one block lives at a time). A barrier releases when every thread
-// still running has arrived; a warp intrinsic when every lane of the warp has, and a warp
-// intrinsic with an exited lane, or a barrier that can never release, is an error. Threads
-// start in a seeded random order (COVRL_SIMT_SEED), so code that reads shared memory another
-// thread writes without a barrier in between tends to fail here as it would on a GPU.
+// function-local static (one block lives at a time). A barrier releases when every thread of
+// the block has arrived, a warp intrinsic when every lane of the warp has arrived at the same
+// kind of intrinsic. These are errors: __syncthreads after a thread of the block has exited,
+// lanes of one warp meeting at different kinds of intrinsic (a shuffle paired with a ballot),
+// and a barrier or warp intrinsic that can never complete (a deadlock). Threads start, and
+// leave every barrier, in a seeded random order (COVRL_SIMT_SEED), so code that reads shared
+// memory another thread writes without a barrier in between tends to fail here as on a GPU.
+// Not modelled: timing, concurrency between blocks (so races between blocks cannot show), the
+// memory model, and uninitialised shared memory (a static keeps the previous block's values).
 #pragma once
 
 #include <ucontext.h>
@@ -45,8 +49,12 @@ struct Fiber {
 
 struct Warp {
   std::vector<int> waiters;
+  int kind = 0;  // the intrinsic the waiting lanes are in
   uint64_t slot[32];
 };
+
+// Kinds of warp intrinsic: every lane of a warp must meet at the same kind.
+enum Kind : int { kShuffle = 1, kBallot = 2 };
 
 // The state of the block being run (one at a time).
 struct Runtime {
@@ -55,6 +63,8 @@ struct Runtime {
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<Warp> warps;
   std::vector<int> runq, bar_waiters;
+  std::mt19937_64 rng;
+  bool exited = false;  // a thread of the running block has returned
   size_t head = 0;  // runq[head:] is the run queue
   ucontext_t sched;
   int current = -1;
@@ -81,8 +91,10 @@ inline void yield() {
   if (swapcontext(&R.fibers[R.current].ctx, &R.sched) != 0) std::abort();
 }
 
+// Makes the waiters runnable, in a random order.
 inline void release(std::vector<int>& waiters) {
   Runtime& R = rt();
+  std::shuffle(waiters.begin(), waiters.end(), R.rng);
   for (int f : waiters) R.runq.push_back(f);
   waiters.clear();
 }
@@ -94,18 +106,21 @@ inline unsigned warp_lanes(unsigned w) {
 
 inline void block_barrier() {
   Runtime& R = rt();
+  if (R.exited) fail("__syncthreads after a thread of the block exited (undefined on a GPU)");
   R.bar_waiters.push_back(R.current);
   if (R.bar_waiters.size() == R.alive) release(R.bar_waiters);
   yield();
 }
 
-// Every lane of the current warp arrives; returns when all have.
-inline void warp_barrier(unsigned mask) {
+// Every lane of the current warp arrives at an intrinsic of `kind`; returns when all have.
+inline void warp_barrier(unsigned mask, int kind) {
   Runtime& R = rt();
   const unsigned w = R.fibers[R.current].tid / 32, lanes = warp_lanes(w);
   const unsigned full = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
-  if ((mask & full) != full) fail("warp intrinsic with a partial mask (not used by covrl's kernels)");
+  if (mask != full) fail("warp intrinsic whose mask is not the whole warp (not used by covrl's kernels)");
   Warp& W = R.warps[w];
+  if (W.waiters.empty()) W.kind = kind;
+  else if (W.kind != kind) fail("lanes of warp " + std::to_string(w) + " meet at different warp intrinsics");
   W.waiters.push_back(R.current);
   if (W.waiters.size() == lanes) release(W.waiters);
   yield();
@@ -121,11 +136,11 @@ T exchange(unsigned mask, T v, F src) {
   const unsigned tid = R.fibers[R.current].tid, lane = tid % 32;
   Warp& W = R.warps[tid / 32];
   std::memcpy(&W.slot[lane], &v, sizeof(T));
-  warp_barrier(mask);
+  warp_barrier(mask, kShuffle);
   const int s = src(static_cast<int>(lane));
   T r = v;
   if (s >= 0 && s < static_cast<int>(warp_lanes(tid / 32))) std::memcpy(&r, &W.slot[s], sizeof(T));
-  warp_barrier(mask);  // nobody overwrites a slot before every lane has read
+  warp_barrier(mask, kShuffle);  // nobody overwrites a slot before every lane has read
   return r;
 }
 
@@ -135,10 +150,10 @@ inline unsigned ballot(unsigned mask, bool pred) {
   const unsigned tid = R.fibers[R.current].tid, w = tid / 32;
   Warp& W = R.warps[w];
   W.slot[tid % 32] = pred ? 1 : 0;
-  warp_barrier(mask);
+  warp_barrier(mask, kBallot);
   unsigned r = 0;
   for (unsigned j = 0; j < warp_lanes(w); ++j) r |= static_cast<unsigned>(W.slot[j] & 1u) << j;
-  warp_barrier(mask);
+  warp_barrier(mask, kBallot);
   return r;
 }
 
@@ -151,8 +166,7 @@ inline void entry() {
   }
   R.fibers[R.current].done = true;
   --R.alive;
-  // Threads that exited no longer count towards a barrier.
-  if (!R.bar_waiters.empty() && R.bar_waiters.size() == R.alive) release(R.bar_waiters);
+  R.exited = true;  // a barrier now can never complete (and is an error; see block_barrier)
   // returns to R.sched through uc_link
 }
 
@@ -173,15 +187,16 @@ inline void launch(int64_t grid, int64_t threads, const std::function<void()>& b
   R.fibers.assign(threads, Fiber{});
   while (R.stacks.size() < static_cast<size_t>(threads)) R.stacks.emplace_back(new char[Runtime::kStack]);
   R.warps.assign((threads + 31) / 32, Warp{});
-  std::mt19937_64 rng(seed());
+  R.rng.seed(seed());
   std::vector<int> order(threads);
   for (int i = 0; i < threads; ++i) order[i] = i;
   for (int64_t b = 0; b < grid && !R.error; ++b) {
     R.block = static_cast<unsigned>(b);
     R.alive = static_cast<size_t>(threads);
+    R.exited = false;
     R.bar_waiters.clear();
     for (auto& w : R.warps) w.waiters.clear();
-    std::shuffle(order.begin(), order.end(), rng);
+    std::shuffle(order.begin(), order.end(), R.rng);
     R.runq.assign(order.begin(), order.end());
     R.head = 0;
     for (int t = 0; t < threads; ++t) {
@@ -239,8 +254,8 @@ inline Dim3 grid_dim() { return {rt().grid, 1, 1}; }
 inline void __syncthreads() { ::covrl::simt::block_barrier(); }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  return ::covrl::simt::exchange(mask, v, [&](int) { return src % width; });
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {  // lane src of this lane's width-segment
+  return ::covrl::simt::exchange(mask, v, [&](int l) { return (l & ~(width - 1)) + (src & (width - 1)); });
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {

@@ -34,7 +34,8 @@ def simt():
         name="covrl_simt",
         sources=[os.path.join(SIMT_DIR, f) for f in
                  ("policy_loss_emu.cpp", "logprob_entropy_emu.cpp", "selftest_emu.cpp")],
-        extra_cflags=["-O2", "-std=c++17", "-w"],
+        # no strict aliasing: the kernels read int16/uint8 marks through 16-byte vectors
+        extra_cflags=["-O2", "-std=c++17", "-fno-strict-aliasing", "-w"],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         build_directory=build,
         is_python_module=False,
@@ -103,6 +104,13 @@ def test_emulator_barriers_and_atomics(simt):
 def test_emulator_catches_a_missing_barrier(simt):
     want = torch.tensor([(b + 1) * 1000 * 256 + 255 * 256 // 2 for b in range(3)])
     assert not torch.equal(simt.selftest("block_sum_racy", 256), want)
+
+
+def test_emulator_catches_mismatched_intrinsics_and_a_barrier_after_exit(simt):
+    with pytest.raises(RuntimeError, match="different warp intrinsics"):
+        simt.selftest("mixed_intrinsics", 64)
+    with pytest.raises(RuntimeError, match="after a thread of the block exited"):
+        simt.selftest("barrier_after_exit", 64)
 
 
 def test_emulator_catches_a_skipped_warp_intrinsic(simt):

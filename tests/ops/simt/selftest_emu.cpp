@@ -64,6 +64,21 @@ __global__ void partial_shuffle(int64_t* out) {
   out[threadIdx.x] = v;
 }
 
+// Half of each warp shuffles while the other half ballots: a mismatch, not a pairing.
+__global__ void mixed_intrinsics(int64_t* out) {
+  int64_t v = threadIdx.x;
+  if ((threadIdx.x & 31) < 16) v = __shfl_down_sync(0xffffffffu, v, 1);
+  else v = __ballot_sync(0xffffffffu, 1);
+  out[threadIdx.x] = v;
+}
+
+// Thread 0 returns before a __syncthreads the others reach.
+__global__ void barrier_after_exit(int64_t* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
 at::Tensor selftest(c10::string_view name_, int64_t threads) {
   const std::string name(name_);
   const int64_t grid = 3;
@@ -87,9 +102,11 @@ at::Tensor selftest(c10::string_view name_, int64_t threads) {
                        reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()));
     return out;
   }
-  if (name == "partial_shuffle") {
+  if (name == "partial_shuffle" || name == "mixed_intrinsics" || name == "barrier_after_exit") {
     at::Tensor out = at::zeros({threads}, i64);
-    covrl::gpu::launch(partial_shuffle, 1, static_cast<int>(threads), 0, out.data_ptr<int64_t>());
+    const auto k = name == "partial_shuffle" ? partial_shuffle
+                   : name == "mixed_intrinsics" ? mixed_intrinsics : barrier_after_exit;
+    covrl::gpu::launch(k, 1, static_cast<int>(threads), 0, out.data_ptr<int64_t>());
     return out;
   }
   TORCH_CHECK_VALUE(false, "unknown selftest ", name);
