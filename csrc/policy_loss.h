@@ -249,6 +249,14 @@ inline void check_inputs(const at::Tensor& lp, const at::Tensor& olp, const at::
                     lp.numel());
 }
 
+// A global selection is the pair covrl.compute_selection returns: statistics AND threshold.
+inline void check_selection_pair(const c10::optional<at::Tensor>& sel_stats,
+                                 const c10::optional<at::Tensor>& sel_meta) {
+  TORCH_CHECK_VALUE(sel_stats.has_value() == sel_meta.has_value(),
+                    "sel_stats and sel_meta must be given together (covrl.compute_selection's stats and "
+                    "meta), got only ", sel_stats.has_value() ? "sel_stats" : "sel_meta");
+}
+
 // The inputs as the kernels read them: contiguous, old_log_prob / advantages / is_weights in
 // the accumulation dtype, the mask as bool (log_prob keeps its own dtype).
 struct Prepared {

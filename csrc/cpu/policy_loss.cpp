@@ -241,6 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cpu(
     double clip_low, double clip_high, c10::optional<double> dual_clip, double fraction,
     double clip_cov_lb, double clip_cov_ub, double kl_coef, int64_t seed, double norm) {
   check_inputs(log_prob, old_log_prob, advantages, mask, is_weights);
+  check_selection_pair(sel_stats, sel_meta);
   const Params p = make_params(log_prob, std::string(mode), std::string(agg), clip_low, clip_high,
                                dual_clip, fraction, clip_cov_lb, clip_cov_ub, kl_coef, seed, norm);
   const auto acc = log_prob.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -805,6 +805,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_loss_fwd_cuda(
     double clip_low, double clip_high, c10::optional<double> dual_clip, double fraction,
     double clip_cov_lb, double clip_cov_ub, double kl_coef, int64_t seed, double norm) {
   check_inputs(log_prob, old_log_prob, advantages, mask, is_weights);
+  check_selection_pair(sel_stats, sel_meta);  // a lone sel_stats would leave Clip-Cov flags in `selected`
   check_selection(log_prob, sel_stats, sel_meta);
   const gpu::DeviceGuard guard(log_prob.device());
   const Params p = make_params(log_prob, std::string(mode), std::string(agg), clip_low, clip_high,

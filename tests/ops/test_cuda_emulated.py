@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_policy_loss import KW, STRESS, sample_inputs, stress_inputs  # sibling test module
 
+import covrl
 from covrl import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -186,8 +187,6 @@ def test_policy_loss_strided_inputs(simt, cuda_variant):
 @pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
 def test_policy_loss_given_selection_and_keys(simt, cuda_variant, mode):
     """compute_selection's statistics (global means, threshold, row offset) used by the kernels."""
-    import covrl
-
     lp, olp, adv, mask = sample_inputs(12, 600, seed=43)
     sel = covrl.compute_selection(lp, olp, adv, mask, mode=mode, **KW)
     part = sel.rows(4, 9)
@@ -219,6 +218,18 @@ def test_policy_loss_each_next_item_alone(simt, monkeypatch, mode, items):
     monkeypatch.setenv("COVRL_PL_CUDA_NEXT", items)
     lp, olp, adv, mask = sample_inputs(5, 2333, seed=45)  # N = 11665: a partial last vector
     assert_same(*both(simt, lp, olp, adv, mask, op_args(mode, T=2333, **KW)))
+
+
+def test_policy_loss_selection_pair_is_checked(simt):
+    lp, olp, adv, mask = sample_inputs(3, 40, seed=48)
+    sel = covrl.compute_selection(lp, olp, adv, mask, mode="clip_cov", **KW)
+    args = list(op_args("clip_cov", T=40, sel=sel, **KW))
+    for i, name in ((2, "sel_stats"), (1, "sel_meta")):  # drop meta, then stats
+        one = list(args)
+        one[i] = None
+        for op in (simt.policy_loss_fwd, torch.ops.covrl.policy_loss_fwd):
+            with pytest.raises(ValueError, match=f"must be given together .* got only {name}"):
+                op(lp, olp, adv, mask, *one)
 
 
 def test_policy_loss_next_env_is_checked(simt, monkeypatch):
