@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import time
+
+from machine_info import cpu
 
 from covrl.config import load_config
 from covrl.logging_utils import read_metrics
@@ -50,13 +51,7 @@ def summarize(run_dir: str, wall: float, samples: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU"
+    return f"{cpu()}, no GPU"
 
 
 def load() -> str:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 
 import torch
+from machine_info import cpu
 
 import covrl
 from covrl import ops
@@ -91,12 +91,11 @@ def main():
         print(row, flush=True)
         rows.append(row)
 
-    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
     where = torch.cuda.get_device_name() if dev == "cuda" else "no GPU"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"host_overhead_{dev}.md")
     with open(out, "w") as f:
         f.write(f"# covrl.policy_loss host overhead ({dev})\n\n")
-        f.write(f"Machine: {cpu}, {where}; torch {torch.__version__}; {args.threads} torch thread(s). "
+        f.write(f"Machine: {cpu()}, {where}; torch {torch.__version__}; {args.threads} torch thread(s). "
                 f"One forward + backward of 1x8 tokens, best of {args.repeats} x {args.calls} calls "
                 "(µs per call). Baseline in the same run: the op through its torch.library autograd "
                 "registration, as covrl.policy_loss called it before.\n\n")

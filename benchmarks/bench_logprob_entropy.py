@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from machine_info import cpu
 
 VARIANTS_CPU = ("eager", "covrl", "covrl_inplace")
 VARIANTS_CUDA = ("eager", "covrl", "covrl_inplace", "fused_policy_loss", "fused_policy_loss_ppo",
@@ -137,16 +136,7 @@ def run_cpu(args):
 
 
 def cpu_machine():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), no GPU; torch {torch.__version__}, " \
+    return f"{cpu()}, no GPU; torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads"
 
 

@@ -17,6 +17,8 @@ import statistics
 import time
 from importlib import metadata
 
+from machine_info import cpu
+
 from covrl.rewards import TASKS, RewardItem, Verifier
 
 
@@ -60,13 +62,7 @@ def timed_score(v: Verifier, items: list[RewardItem], batch: int) -> tuple[float
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU; "
+    return (f"{cpu()}, no GPU; "
             f"Python {platform.python_version()}, math-verify {metadata.version('math-verify')}")
 
 

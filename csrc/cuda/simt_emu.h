@@ -126,8 +126,6 @@ inline void warp_barrier(unsigned mask, int kind) {
   yield();
 }
 
-inline unsigned lane_id() { return rt().fibers[rt().current].tid % 32; }
-
 // The value of `v` in lane src(lane) of this warp (own value when src is out of range).
 template <typename T, typename F>
 T exchange(unsigned mask, T v, F src) {
@@ -274,18 +272,11 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
 }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 template <typename T>
 T atomicAdd(T* p, T v) {
   const T old = *p;
   *p = old + v;
-  return old;
-}
-template <typename T>
-T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old > v ? old : v;
   return old;
 }
 using std::isfinite;
