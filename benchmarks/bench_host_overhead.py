@@ -81,12 +81,12 @@ def main():
             loss.backward()
 
         now = bench(step, args.calls, args.repeats, dev)
-        current = ops._PolicyLoss
-        ops._PolicyLoss = _LibraryAutograd
+        current = ops.policy._PolicyLoss
+        ops.policy._PolicyLoss = _LibraryAutograd
         try:
             before = bench(step, args.calls, args.repeats, dev)
         finally:
-            ops._PolicyLoss = current
+            ops.policy._PolicyLoss = current
         row = f"| {mode} | {now:.1f} | {before:.1f} | {before / now:.2f}x |"
         print(row, flush=True)
         rows.append(row)

@@ -7,6 +7,27 @@ Public ops (compiled CPU/CUDA kernels with a plain-PyTorch fallback):
 - :func:`covrl.fused_policy_loss`: logits -> policy loss (+ token-mean entropy), two passes.
 
 ``covrl.kernel_info()`` says which compiled kernels this install has.
+
+Map of the package (each subpackage's docstring maps its own modules):
+
+- ``ops/``          the public ops: argument checks, selection, policy loss, logits ops
+- ``reference.py``  plain-PyTorch reference of every op: the spec the kernels are tested against
+- ``_ext.py``       loads the compiled extension ``covrl._C``; which kernels it has
+- ``learner/``      LearnerCore: one policy-gradient step, FSDP2, checkpoints
+- ``advantages.py`` advantage estimators (grpo, drgrpo, rloo, reinforce_pp) in a registry
+- ``trainer/``      the RL loop that drives the three services; local services, eval, resume
+- ``config.py``     the trainer's typed config: dataclasses, YAML, dotted overrides
+- ``data.py``       prompts and ground truths: JSONL / Parquet files and built-in tasks
+- ``diagnostics.py`` the paper's diagnostics (R-H fit, predicted entropy change) and the controller
+- ``client/``       the client SDK: one client per service over a shared channel layer
+- ``services/``     the three gRPC servers and their launcher
+- ``engines/``      rollout engines: transformers and vLLM
+- ``rewards/``      reward verification: tasks and the worker-pool verifier
+- ``experiments/``  reproducible experiments (the entropy study)
+- ``models.py``     tiny in-memory models for tests; ``demo_model.py`` the embedded demo model
+- ``logging_utils.py`` metrics.jsonl, TensorBoard, progress bar; ``plot.py`` a run's figures
+- ``cli.py``        the ``covrl`` command
+- ``_proto/``       generated protobuf / gRPC code (``make protos``)
 """
 
 from covrl._ext import kernel_info

@@ -49,6 +49,20 @@ def has_kernel(op: str, device_type: str) -> bool:
         return False
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
+def use_kernel(op: str, t: torch.Tensor) -> bool:
+    """has_kernel for the device of ``t``, cached: the ops call it on every call."""
+    dev = t.device.type
+    if dev not in ("cpu", "cuda"):
+        return False
+    key = (op, dev)
+    if key not in _HAS_KERNEL:  # a dispatcher query per call costs more than the small kernels
+        _HAS_KERNEL[key] = has_kernel(op, dev)
+    return _HAS_KERNEL[key]
+
+
 def kernel_info() -> dict:
     """Which compiled kernels this install has, and why some are missing.
 

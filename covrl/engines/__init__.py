@@ -1,5 +1,9 @@
 """Rollout engines: :class:`TransformersEngine` (CPU/GPU, verified) and :class:`VLLMEngine`
 (GPU, vLLM imported lazily; unverified here). :func:`make_engine` builds one from a config dict.
+
+- ``base.py``                the Engine interface, SamplingParams / Sample / PromptResult, log-prob processing
+- ``transformers_engine.py`` TransformersEngine: HF ``generate`` on CPU or GPU
+- ``vllm_engine.py``         VLLMEngine: vLLM's offline LLM with in-place weight updates
 """
 
 from covrl.engines.base import (

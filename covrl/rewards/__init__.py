@@ -7,6 +7,10 @@
 - :func:`score_one`: one item in-process (no deadline), with the ``format_weight`` composition.
 
 Rules, deadlines and caching are described in docs/rewards.md.
+
+- ``tasks.py``     the pure scoring functions per task
+- ``verifier.py``  the Verifier: worker pool, deadlines, cache
+- ``_worker.py``   one worker process's loop; ``_preload.py`` warms the fork server
 """
 
 from covrl.rewards.tasks import TASKS, InvalidAnswer, score_one

@@ -32,19 +32,6 @@ def load_config(path: str | os.PathLike | None) -> dict:
     return cfg
 
 
-def _learner_bindings(config: dict) -> list[ServiceBinding]:
-    from covrl._proto.v1 import learner_pb2, learner_pb2_grpc
-    from covrl.services.common import service_name
-    from covrl.services.learner import LearnerServicer  # provided by the learner module
-
-    servicer = LearnerServicer(config)
-    return [
-        ServiceBinding(
-            service_name(learner_pb2, "LearnerService"), servicer, learner_pb2_grpc.add_LearnerServiceServicer_to_server
-        )
-    ]
-
-
 def build_bindings(name: str, config: dict) -> list[ServiceBinding]:
     if name == "rollout":
         from covrl.services.rollout import build_rollout
@@ -55,7 +42,9 @@ def build_bindings(name: str, config: dict) -> list[ServiceBinding]:
 
         return build_reward(config)
     if name == "learner":
-        return _learner_bindings(config)
+        from covrl.services.learner import build_learner
+
+        return build_learner(config)
     raise ValueError(f"service: expected one of {SERVICES}, got {name!r}")
 
 
@@ -72,7 +61,17 @@ def start(name: str, config: dict | None = None, host: str | None = None, port: 
 
 
 def serve(name: str, host: str | None = None, port: int | None = None, config_path: str | None = None) -> None:
-    """Start service ``name`` and block until SIGTERM / SIGINT, then stop gracefully."""
-    running = start(name, load_config(config_path), host, port)
+    """Start service ``name`` and block until SIGTERM / SIGINT, then stop gracefully.
+
+    Under ``torchrun`` (``RANK`` > 0) the learner's other ranks serve nothing: they follow
+    rank 0's commands (FSDP2) until it stops.
+    """
+    config = load_config(config_path)
+    if name == "learner" and int(os.environ.get("RANK", "0")) > 0:
+        from covrl.services.learner import serve_worker_rank
+
+        serve_worker_rank(config)
+        return
+    running = start(name, config, host, port)
     print(f"covrl {name} serving on {running.address}", flush=True)
     running.serve_until_signal()

@@ -17,8 +17,8 @@ Config mapping (the whole YAML file; ``server:`` is read by the launcher):
 - ``push_chunk_bytes`` (default 4 MiB), ``push_dtype`` (``""`` = as trained),
   ``push_timeout_s`` (default 120).
 
-Multi-GPU: ``torchrun --nproc-per-node N -m covrl.services.learner --config cfg.yaml``:
-rank 0 serves gRPC, the other ranks follow it (:meth:`LearnerCore.serve_workers`).
+Multi-GPU: ``torchrun --nproc-per-node N -m covrl.services learner --config cfg.yaml``:
+rank 0 serves gRPC, the other ranks follow it (:func:`serve_worker_rank`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from covrl.services.common import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    ServiceBinding,
     server_stream,
+    service_name,
     unary,
 )
 from covrl.services.tensors import DEFAULT_CHUNK_BYTES, DTYPES, iter_tensor_chunks
@@ -239,25 +241,13 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             self.core.stop_workers()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m covrl.services.learner --config cfg.yaml``: rank 0 serves, others follow."""
-    import argparse
-
-    from covrl.services.launch import load_config, serve
-
-    ap = argparse.ArgumentParser(prog="python -m covrl.services.learner")
-    ap.add_argument("--host", default=None)
-    ap.add_argument("--port", type=int, default=None)
-    ap.add_argument("--config", default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("RANK", "0")) > 0:
-        cfg = load_config(args.config)
-        LearnerCore(LearnerConfig.from_dict(dict(cfg.get("learner") or {}))).serve_workers()
-        return 0
-    serve("learner", args.host, args.port, args.config)
-    return 0
+def build_learner(config: dict) -> list[ServiceBinding]:
+    """The learner service's bindings from its config mapping (see the module docstring)."""
+    servicer = LearnerServicer(config)
+    return [ServiceBinding(service_name(learner_pb2, "LearnerService"), servicer,
+                           learner_pb2_grpc.add_LearnerServiceServicer_to_server)]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def serve_worker_rank(config: dict) -> None:
+    """A torchrun rank > 0: no server; follow rank 0's commands until it stops."""
+    LearnerCore(LearnerConfig.from_dict(dict(config.get("learner") or {}))).serve_workers()

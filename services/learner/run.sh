@@ -11,6 +11,6 @@ shift || true
 py="${COVRL_PYTHON:-python3}"
 if [ "${NPROC:-1}" -gt 1 ]; then
   exec "$py" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
-    -m covrl.services.learner --config "$config" "$@"
+    -m covrl.services learner --config "$config" "$@"
 fi
 exec "$py" -m covrl.services learner --config "$config" "$@"

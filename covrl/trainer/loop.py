@@ -39,8 +39,9 @@ learner by more than ``max_staleness`` (e.g. from a remote rollout server that m
 push) is dropped and counted (``staleness/dropped``).
 
 Services: ``services.rollout / reward / learner`` give addresses. Each one left empty is
-started here as a subprocess on loopback (``python -m covrl.services NAME``) on a free
-port, and is then used through exactly the same gRPC client path as a remote one.
+started as a subprocess on loopback (``python -m covrl.services NAME``) on a free port
+(:mod:`covrl.trainer.local_services`), and is then used through exactly the same gRPC
+client path as a remote one.
 
 Deviations from the paper (Cui et al. 2025) and its verl recipe
 ----------------------------------------------------------------
@@ -56,41 +57,26 @@ Deviations from the paper (Cui et al. 2025) and its verl recipe
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-import random
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import grpc
-import yaml
 
 from covrl.config import ConfigError, TrainConfig, save_config
 from covrl.data import Example, PromptSampler, build_dataset, encode_prompt
 from covrl.logging_utils import MetricsLogger
-
-TRAINER_STATE = "trainer_state.json"
-SERVICE_NAMES = ("rollout", "reward", "learner")
-
-
-def _log(msg: str) -> None:
-    print(f"[covrl] {msg}", file=sys.stderr, flush=True)
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A 63-bit seed for step ``step`` (stable across runs and resumes)."""
-    return random.Random(f"covrl-{seed}-{step}-{salt}").getrandbits(63)
-
-
-# ---------------------------------------------------------------------------------------
-# model path
+from covrl.trainer.checkpoint import load_resume_state, restore, save_checkpoint
+from covrl.trainer.evaluation import evaluate
+from covrl.trainer.local_services import (
+    SERVICE_NAMES,
+    Clients,
+    LocalServices,
+    _log,
+    service_configs,
+    wait_ready,
+)
+from covrl.trainer.rollouts import Batch, Rollout, step_seed
+from covrl.trainer.summary import summarize
 
 
 def resolve_model_path(cfg: TrainConfig, run_dir: str) -> str:
@@ -113,231 +99,6 @@ def resolve_model_path(cfg: TrainConfig, run_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# services: local subprocesses and channels
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from: str = "") -> dict[str, dict]:
-    """The ``--config`` of each locally started service, derived from the trainer config."""
-    a, lr = cfg.algo, cfg.learner
-    off_policy = bool(lr.recompute_old_logprobs or a.max_staleness > 0)
-    learner = dict(
-        model=model_path, dtype=cfg.model.dtype, device="cpu" if cfg.services.local_device == "cpu" else "auto",
-        lr=lr.lr, weight_decay=lr.weight_decay, adam_beta1=lr.beta1, adam_beta2=lr.beta2,
-        max_grad_norm=lr.grad_clip, micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size,
-        ppo_epochs=lr.epochs, seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg,
-        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, clip_cov_fraction=a.clip_cov_fraction,
-        clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_fraction=a.kl_cov_fraction,
-        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.high_entropy_fraction,
-        recompute_old_logprobs=off_policy, tis_cap=a.is_truncation if off_policy else 0.0,
-        temperature=cfg.rollout.temperature,
-    )
-    learner_cfg = {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints")}
-    if resume_from:
-        learner_cfg["resume_from"] = resume_from
-    device = "cpu" if cfg.services.local_device == "cpu" else "cuda"
-    if device == "cuda":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {
-        "rollout": {"engine": {"kind": "transformers", "model_path": model_path, "device": device,
-                               "dtype": cfg.model.dtype}},
-        "reward": {"verifier": {"workers": cfg.reward.workers, "default_deadline_s": cfg.reward.item_timeout_s}},
-        "learner": learner_cfg,
-    }
-
-
-class LocalServices:
-    """The services the config leaves without an address, started as loopback subprocesses."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: str, names: list[str], configs: dict[str, dict]):
-        self.cfg = cfg
-        self.dir = os.path.join(run_dir, "services")
-        self.names = names
-        self.configs = configs
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.addresses: dict[str, str] = {}
-        self._logs: dict[str, str] = {}
-
-    def start(self) -> dict[str, str]:
-        os.makedirs(self.dir, exist_ok=True)
-        host = self.cfg.services.host
-        env = dict(os.environ)
-        threads = self.cfg.services.threads
-        if not threads and self.cfg.algo.max_staleness > 0:
-            # Generation and training overlap: two processes with torch's default thread
-            # count each oversubscribe the cores, and OpenMP then runs ~5x slower (measured
-            # in benchmarks/results/demo_step_cpu.md). Split the cores between them.
-            threads = max(1, (os.cpu_count() or 2) // 2)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        for name in self.names:
-            cfg_path = os.path.join(self.dir, f"{name}.yaml")
-            with open(cfg_path, "w") as f:
-                yaml.safe_dump(self.configs[name], f, sort_keys=False)
-            port = free_port(host)
-            log_path = os.path.join(self.dir, f"{name}.log")
-            self._logs[name] = log_path
-            cmd = [sys.executable, "-m", "covrl.services", name, "--host", host, "--port", str(port),
-                   "--config", cfg_path]
-            with open(log_path, "ab") as logf:
-                self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                                    start_new_session=True)
-            self.addresses[name] = f"{host}:{port}"
-            _log(f"started local {name} service (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
-        return dict(self.addresses)
-
-    def check(self, name: str) -> str | None:
-        """None while ``name`` runs (or is not local); else why it stopped, with its log's tail."""
-        p = self.procs.get(name)
-        if p is None or p.poll() is None:
-            return None
-        tail = ""
-        try:
-            with open(self._logs[name], errors="replace") as f:
-                tail = f.read()[-3000:]
-        except OSError:
-            pass
-        return f"the local {name} service exited with code {p.returncode}; its log ends with:\n{tail}"
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-class Clients:
-    """``covrl.client`` clients of the three services (TLS and the shared token from the config).
-
-    Local and remote services go through exactly this path.
-    """
-
-    def __init__(self, cfg: TrainConfig, addresses: dict):
-        from covrl.client import LearnerClient, RewardClient, RolloutClient
-
-        s = cfg.services
-        self.token = os.environ.get(s.token_env, "") if s.token_env else ""
-        kw = dict(token=self.token or None, max_attempts=8, max_backoff_s=10.0,
-                  max_message_bytes=256 * 2**20)
-        if s.tls_ca:
-            kw.update(tls=True, root_certificates=s.tls_ca, client_certificate=s.tls_cert or None,
-                      client_key=s.tls_key or None)
-        self.rollout = [RolloutClient(a, **kw) for a in addresses["rollout"]]
-        self.reward = RewardClient(addresses["reward"], **kw)
-        self.learner = LearnerClient(addresses["learner"], **kw) if addresses.get("learner") else None
-
-    def all(self) -> list[tuple[str, object]]:
-        out = [("rollout", c) for c in self.rollout] + [("reward", self.reward)]
-        return out + ([("learner", self.learner)] if self.learner else [])
-
-    def close(self) -> None:
-        for _, c in self.all():
-            c.close()
-
-
-def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, alive=None,
-               report=_log) -> None:
-    """Block until ``address`` answers the standard health check as SERVING.
-
-    Retries with exponential backoff (0.5 s doubling to 10 s) and says why it waits;
-    raises TimeoutError after ``timeout_s``. ``alive()`` may return a reason to give up
-    early (a local service that exited).
-    """
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(channel)
-    t0 = time.monotonic()
-    delay, last_reason, last_report = 0.5, None, 0.0
-    while True:
-        try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
-            if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                if last_reason is not None:
-                    report(f"{name} service at {address} is up after {time.monotonic() - t0:.1f}s")
-                return
-            reason = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
-        except grpc.RpcError as e:
-            reason = f"{e.code().name}: {e.details()}"
-        if alive is not None:
-            dead = alive()
-            if dead:
-                raise RuntimeError(dead)
-        waited = time.monotonic() - t0
-        if waited > timeout_s:
-            raise TimeoutError(f"{name} service at {address} not ready after {waited:.0f}s "
-                               f"(services.connect_timeout_s={timeout_s:g}); last error: {reason}")
-        now = time.monotonic()
-        if reason != last_reason or now - last_report > 30:
-            report(f"waiting for the {name} service at {address} ({reason}); retrying with backoff "
-                   f"(next in {delay:.1f}s, giving up after {timeout_s:g}s)")
-            last_reason, last_report = reason, now
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
-
-
-# ---------------------------------------------------------------------------------------
-# rollouts
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One sampled completion and what happened to it."""
-
-    group_id: str
-    example: Example
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-    weight_version: int
-    reward: float = 0.0
-    reward_status: str = ""
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["example"] = dataclasses.asdict(self.example)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> Rollout:
-        d = dict(d)
-        d["example"] = Example(**d["example"])
-        return cls(**d)
-
-
-@dataclasses.dataclass
-class Batch:
-    step: int
-    rollouts: list[Rollout]
-    generate_s: float
-
-
-def pass_at_k(correct: list[list[bool]], k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021) averaged over prompts; ``correct[i]`` holds n >= k samples."""
-    vals = []
-    for c in correct:
-        n, m = len(c), sum(c)
-        if n < k:
-            raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
-        vals.append(1.0 if n - m < k else 1.0 - math.comb(n - m, k) / math.comb(n, k))
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-# ---------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -352,12 +113,7 @@ class Trainer:
         self.resume_state: dict | None = None
         self.resume_checkpoint = ""
         if resume_dir:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume {resume_dir}: no checkpoint under {self.run_dir}/checkpoints")
-            with open(os.path.join(ckpt, TRAINER_STATE)) as f:
-                self.resume_state = json.load(f)
-            self.resume_checkpoint = os.path.join(ckpt, "learner")
+            self.resume_state, self.resume_checkpoint = load_resume_state(self.run_dir, resume_dir)
             self.start_step = int(self.resume_state["step"])
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
@@ -382,7 +138,7 @@ class Trainer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covrl-prefetch")
         self._loss_overrides: dict[str, float] = {}
         if self.resume_state:
-            self._restore(self.resume_state)
+            restore(self, self.resume_state)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -481,9 +237,31 @@ class Trainer:
             self.local.stop()
 
     def train_step(self, step: int) -> dict:
-        cfg = self.cfg
+        """One step, in the order of the module docstring; returns its metrics."""
         t_step = time.monotonic()
-        # 1-2. prompts -> rollouts (with max_staleness=1: the batch prefetched during the last step)
+        batch, generate_wait_s = self._take_batch(step)  # 1-2. sample prompts -> rollouts
+        self._prefetch(step)  # max_staleness=1: the next batch generates while this one trains
+        t0 = time.monotonic()
+        self.score(batch.rollouts)  # 3. score
+        score_s = time.monotonic() - t0
+        kept, dropped = self._filter_stale(batch.rollouts)  # 4. advantages + update on the learner
+        resp, train_s, sync_s = self._update(kept)
+        overlap_s = 0.0
+        if self.cfg.algo.max_staleness >= 1:  # 5. publish (pipelined mode)
+            overlap_s, sync_s = self._publish()
+        m = self._metrics(step, batch, kept, dropped, resp)  # 6. control + log
+        self._control(m)
+        m.update({"time/generate_s": batch.generate_s if self.cfg.algo.max_staleness == 0 else generate_wait_s,
+                  "time/generate_bg_s": batch.generate_s, "time/score_s": score_s, "time/train_s": train_s,
+                  "time/sync_s": sync_s, "time/wait_prefetch_s": overlap_s,
+                  "time/step_s": time.monotonic() - t_step})
+        return m
+
+    # -- the stages ------------------------------------------------------------------------
+
+    def _take_batch(self, step: int) -> tuple[Batch, float]:
+        """This step's rollouts (with max_staleness=1: the batch prefetched during the last step)
+        and the seconds spent waiting for them."""
         t0 = time.monotonic()
         if self.pending is not None:
             batch = self.pending.result()
@@ -491,46 +269,46 @@ class Trainer:
         elif self._pending_batch is not None:  # restored from a checkpoint
             batch, self._pending_batch = self._pending_batch, None
         else:
-            batch = self.generate(self.sampler.next_batch(cfg.rollout.prompts_per_step), step)
-        generate_wait_s = time.monotonic() - t0
+            batch = self.generate(self.sampler.next_batch(self.cfg.rollout.prompts_per_step), step)
+        return batch, time.monotonic() - t0
+
+    def _prefetch(self, step: int) -> None:
+        """With max_staleness >= 1, start generating step ``step + 1``'s batch in the background."""
+        cfg = self.cfg
         if cfg.algo.max_staleness >= 1 and step < cfg.steps:
             examples = self.sampler.next_batch(cfg.rollout.prompts_per_step)
             self.pending = self._executor.submit(self.generate, examples, step + 1)
-        # 3. score
+
+    def _update(self, kept: list[Rollout]) -> tuple[object, float, float]:
+        """Advantages + update on the learner (it pushes to the rollout servers when synchronous);
+        returns its response and the seconds spent training and pushing."""
         t0 = time.monotonic()
-        self.score(batch.rollouts)
-        score_s = time.monotonic() - t0
-        # 4-5. advantages + update on the learner (it pushes to the rollout servers when synchronous)
-        kept, dropped = self._filter_stale(batch.rollouts)
-        t0 = time.monotonic()
-        resp = self.learn(kept, push=cfg.algo.max_staleness == 0)
+        resp = self.learn(kept, push=self.cfg.algo.max_staleness == 0)
         train_s = time.monotonic() - t0 - sum(p.elapsed_s for p in resp.pushes)
         sync_s = sum(p.elapsed_s for p in resp.pushes)
         bad = [p for p in resp.pushes if not p.ok]
         if bad:
             raise RuntimeError("weight push failed: " + "; ".join(f"{p.address}: {p.error}" for p in bad))
-        # 6. publish (pipelined mode): once the prefetch is done, the rollout servers take the new weights
-        overlap_s = 0.0
-        if cfg.algo.max_staleness >= 1:
-            t0 = time.monotonic()
-            if self.pending is not None:
-                self.pending.result()
-            overlap_s = time.monotonic() - t0
-            t0 = time.monotonic()
-            self.push_weights()
-            sync_s = time.monotonic() - t0
-        # 7. control + metrics
-        m = self._metrics(step, batch, kept, dropped, resp)
+        return resp, train_s, sync_s
+
+    def _publish(self) -> tuple[float, float]:
+        """Pipelined mode: once the prefetch is done, the rollout servers take the new weights;
+        returns the seconds waited for the prefetch and the seconds the push took."""
+        t0 = time.monotonic()
+        if self.pending is not None:
+            self.pending.result()
+        overlap_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        self.push_weights()
+        return overlap_s, time.monotonic() - t0
+
+    def _control(self, m: dict) -> None:
+        """The entropy controller turns its knob from this step's metrics (sent with the next Train)."""
         if self.controller is not None:
             self._loss_overrides = self.controller.update(m["actor/entropy"], m.get("actor/cov"))
             for k, v in self.controller.history[-1].items():
                 if v is not None and k != "step":
                     m[f"controller/{k}"] = float(v)
-        m.update({"time/generate_s": batch.generate_s if cfg.algo.max_staleness == 0 else generate_wait_s,
-                  "time/generate_bg_s": batch.generate_s, "time/score_s": score_s, "time/train_s": train_s,
-                  "time/sync_s": sync_s, "time/wait_prefetch_s": overlap_s,
-                  "time/step_s": time.monotonic() - t_step})
-        return m
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -670,161 +448,12 @@ class Trainer:
         self.history.append({"step": step, "H": H, "cov": cov})
         return m
 
-    # -- evaluation ------------------------------------------------------------------------
+    # -- evaluation, checkpoint / resume (covrl.trainer.evaluation, covrl.trainer.checkpoint) --
 
     def evaluate(self, step: int) -> dict:
         """pass@1 and pass@k on the held-out split (k samples per prompt at eval.temperature)."""
-        e = self.cfg.eval
-        examples = self.dataset.eval[: e.max_prompts] if e.max_prompts else self.dataset.eval
-        if not examples:
-            return {}
-        t0 = time.monotonic()
-        batch = self.generate(examples, step, n=e.k, temperature=e.temperature, salt=1)
-        self.score(batch.rollouts)
-        groups: dict[str, list[bool]] = {}
-        for ro in batch.rollouts:
-            groups.setdefault(ro.group_id, []).append(ro.reward >= 0.999)
-        correct = list(groups.values())
-        out = {"pass@1": pass_at_k(correct, 1), f"pass@{e.k}": pass_at_k(correct, e.k),
-               "reward_mean": sum(ro.reward for ro in batch.rollouts) / max(len(batch.rollouts), 1),
-               "n_prompts": len(examples), "time_s": time.monotonic() - t0}
-        return out
-
-    # -- checkpoint / resume ---------------------------------------------------------------
+        return evaluate(self, step)
 
     def save_checkpoint(self, step: int) -> str:
         """RUN_DIR/checkpoints/step_N/{learner/ (HF safetensors + optimizer), trainer_state.json}."""
-
-        root = os.path.join(self.run_dir, "checkpoints")
-        d = os.path.join(root, f"step_{step:06d}")
-        os.makedirs(d, exist_ok=True)
-        self.ch.learner.checkpoint(os.path.join(d, "learner"), timeout_s=600)
-        pending = None
-        if self.pending is not None:  # the prefetched batch is part of the state (max_staleness=1)
-            b = self.pending.result()
-            self.pending = None
-            self._pending_batch = b
-            pending = {"step": b.step, "generate_s": b.generate_s, "rollouts": [r.to_json() for r in b.rollouts]}
-        elif self._pending_batch is not None:
-            b = self._pending_batch
-            pending = {"step": b.step, "generate_s": b.generate_s, "rollouts": [r.to_json() for r in b.rollouts]}
-        state = {
-            "step": step,
-            "data_cursor": self.sampler.state_dict(),
-            "controller": self.controller.state_dict() if self.controller else None,
-            "loss_overrides": self._loss_overrides,
-            "history": self.history,
-            "learner_version": self.learner_version,
-            "rng": {"python": _py_rng_state()},
-            "pending_batch": pending,
-        }
-        tmp = os.path.join(d, TRAINER_STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, os.path.join(d, TRAINER_STATE))
-        # keep the newest `keep` checkpoints
-        steps = sorted(x for x in os.listdir(root) if x.startswith("step_"))
-        for old in steps[: -self.cfg.checkpoint.keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        return d
-
-    def _restore(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["data_cursor"])
-        if self.controller is not None and state.get("controller"):
-            self.controller.load_state_dict(state["controller"])
-        self._loss_overrides = dict(state.get("loss_overrides") or {})
-        self.history = list(state.get("history") or [])
-        random.setstate(_py_rng_from_json(state["rng"]["python"]))
-        p = state.get("pending_batch")
-        if p:
-            if self.cfg.algo.max_staleness == 0:
-                raise ConfigError("this checkpoint holds a prefetched batch (max_staleness=1); resume with "
-                                  "algo.max_staleness=1")
-            self._pending_batch = Batch(step=p["step"], rollouts=[Rollout.from_json(r) for r in p["rollouts"]],
-                                        generate_s=p["generate_s"])
-
-
-def _py_rng_state():
-    v, internal, gauss = random.getstate()
-    return [v, list(internal), gauss]
-
-
-def _py_rng_from_json(s):
-    return (s[0], tuple(s[1]), s[2])
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = sorted(x for x in os.listdir(root)
-                   if x.startswith("step_") and os.path.exists(os.path.join(root, x, TRAINER_STATE)))
-    return os.path.join(root, steps[-1]) if steps else None
-
-
-def summarize(run_dir: str) -> dict:
-    """First vs last step of reward, entropy and Cov, plus the last held-out evaluation."""
-    from covrl.logging_utils import EVAL_FILE, read_jsonl, read_metrics
-
-    rows = read_metrics(run_dir)
-    evals = read_jsonl(os.path.join(run_dir, EVAL_FILE))
-    out: dict = {"run_dir": run_dir, "steps": len(rows)}
-    if rows:
-        for key in ("reward/mean", "reward/accuracy", "actor/entropy", "actor/cov", "time/step_s"):
-            out[key] = (rows[0].get(key), rows[-1].get(key))
-    if evals:
-        out["eval"] = evals[-1]
-    return out
-
-
-def format_summary(s: dict) -> str:
-    lines = [f"run: {s['run_dir']} ({s['steps']} steps)", f"{'metric':<18}{'first':>12}{'last':>12}"]
-    for key in ("reward/mean", "reward/accuracy", "actor/entropy", "actor/cov", "time/step_s"):
-        if key in s:
-            a, b = s[key]
-            lines.append(f"{key:<18}{_num(a):>12}{_num(b):>12}")
-    if "eval" in s:
-        ev = {k: v for k, v in s["eval"].items() if k.startswith("pass@")}
-        lines.append("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items()))
-    return "\n".join(lines)
-
-
-def _num(v) -> str:
-    return f"{v:.4g}" if isinstance(v, (int, float)) else "-"
-
-
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
-    """pass@1 / pass@k of a checkpoint (an HF model dir, or a run's ``checkpoints/step_N``) on the
-    held-out split, with a local rollout service on that checkpoint and the configured reward service."""
-    ckpt = os.path.abspath(checkpoint)
-    if os.path.isdir(os.path.join(ckpt, "checkpoints")):  # a run directory: its latest checkpoint
-        ckpt = latest_checkpoint(ckpt) or ckpt
-    for cand in (ckpt, os.path.join(ckpt, "learner")):
-        if os.path.exists(os.path.join(cand, "config.json")):
-            model_dir = cand
-            break
-    else:
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no HF model (config.json) there or in its learner/")
-    rd = os.path.join(os.path.dirname(ckpt.rstrip("/")), "eval-" + os.path.basename(ckpt.rstrip("/")))
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, path=model_dir),
-        services=dataclasses.replace(cfg.services, rollout=[], learner=""),
-        logging=dataclasses.replace(cfg.logging, run_dir=rd))
-    tr = Trainer(cfg)
-    try:
-        tr.start_services(with_learner=False)
-        out = tr.evaluate(0)
-    finally:
-        tr.close()
-    out["checkpoint"] = model_dir
-    with open(os.path.join(rd, "eval.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    return out
-
-
-def train(cfg: TrainConfig, resume_dir: str | None = None) -> dict:
-    return Trainer(cfg, resume_dir=resume_dir).run()
-
-
-__all__ = ["Trainer", "train", "summarize", "format_summary", "pass_at_k", "latest_checkpoint", "evaluate_checkpoint", "wait_ready",
-           "LocalServices", "Clients", "service_configs", "step_seed"]
+        return save_checkpoint(self, step)

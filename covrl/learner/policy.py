@@ -1,0 +1,79 @@
+"""The policy model: loading (device, dtype, dropout off) and its forward passes to per-token
+log-probs and entropies of the completion tokens, including the no-grad scoring pass."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import covrl
+from covrl.learner.batch import Packed, pack
+from covrl.learner.config import LearnerConfig
+from covrl.learner.distributed import allreduce_sum, rank_chunks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout probability (modules and ``*dropout`` config floats)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key, value in list(vars(model.config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+
+
+def build_policy(config: LearnerConfig, model, device: torch.device):
+    """``model`` (else ``config.model`` loaded by path) on ``device`` in ``config.dtype``, dropout
+    off, in train mode only for gradient checkpointing."""
+    if model is None:
+        if not config.model:
+            raise ValueError("learner config model must name an HF model directory when no model object is given")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=DTYPES[config.dtype])
+    model = model.to(device=device, dtype=DTYPES[config.dtype])
+    disable_dropout(model)  # log-probs must match the rollout engine's
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # HF checkpoints activations only in train mode; dropout is off anyway
+    else:
+        model.eval()
+    return model
+
+
+def logits_lp_ent(core, pk: Packed):
+    """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens."""
+    c = pk.labels.shape[1]
+    out = core.policy(
+        input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
+        logits_to_keep=c + 1, use_cache=False,
+    )
+    logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
+    return covrl.logprob_entropy(logits, pk.labels, temperature=core.config.temperature)
+
+
+def scoring_pass(core, batch, n, c_max):
+    """No-grad log-probs and entropies [N, C] of every trajectory under the current weights."""
+    lp_all = torch.zeros(n, c_max, dtype=torch.float32, device=core.device)
+    ent_all = torch.zeros(n, c_max, dtype=torch.float32, device=core.device)
+    with torch.no_grad():
+        for _, chunk in rank_chunks(list(range(n)), core.config.micro_batch_size, core.world_size, core.rank):
+            rows = chunk or [0]
+            pk = pack([batch[r] for r in rows], core.device)
+            lp, ent = logits_lp_ent(core, pk)
+            if chunk:
+                c = lp.shape[1]
+                lp_all[rows, :c] = torch.where(pk.mask, lp, 0.0)
+                ent_all[rows, :c] = torch.where(pk.mask, ent, 0.0)
+    return allreduce_sum(lp_all, core.world_size), allreduce_sum(ent_all, core.world_size)

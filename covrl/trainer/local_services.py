@@ -1,0 +1,199 @@
+"""The services of a run: local subprocesses for those the config gives no address, their clients, readiness.
+
+Each service left empty in ``services.rollout / reward / learner`` is started here as
+``python -m covrl.services NAME`` on a free loopback port, and then used through exactly
+the same gRPC client path (:class:`Clients`) as a remote one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import yaml
+
+from covrl.config import TrainConfig
+
+SERVICE_NAMES = ("rollout", "reward", "learner")
+
+
+def _log(msg: str) -> None:
+    print(f"[covrl] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from: str = "") -> dict[str, dict]:
+    """The ``--config`` of each locally started service, derived from the trainer config."""
+    a, lr = cfg.algo, cfg.learner
+    off_policy = bool(lr.recompute_old_logprobs or a.max_staleness > 0)
+    learner = dict(
+        model=model_path, dtype=cfg.model.dtype, device="cpu" if cfg.services.local_device == "cpu" else "auto",
+        lr=lr.lr, weight_decay=lr.weight_decay, adam_beta1=lr.beta1, adam_beta2=lr.beta2,
+        max_grad_norm=lr.grad_clip, micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size,
+        ppo_epochs=lr.epochs, seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg,
+        clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, clip_cov_fraction=a.clip_cov_fraction,
+        clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_fraction=a.kl_cov_fraction,
+        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.high_entropy_fraction,
+        recompute_old_logprobs=off_policy, tis_cap=a.is_truncation if off_policy else 0.0,
+        temperature=cfg.rollout.temperature,
+    )
+    learner_cfg = {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints")}
+    if resume_from:
+        learner_cfg["resume_from"] = resume_from
+    device = "cpu" if cfg.services.local_device == "cpu" else "cuda"
+    if device == "cuda":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "rollout": {"engine": {"kind": "transformers", "model_path": model_path, "device": device,
+                               "dtype": cfg.model.dtype}},
+        "reward": {"verifier": {"workers": cfg.reward.workers, "default_deadline_s": cfg.reward.item_timeout_s}},
+        "learner": learner_cfg,
+    }
+
+
+class LocalServices:
+    """The services the config leaves without an address, started as loopback subprocesses."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, names: list[str], configs: dict[str, dict]):
+        self.cfg = cfg
+        self.dir = os.path.join(run_dir, "services")
+        self.names = names
+        self.configs = configs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addresses: dict[str, str] = {}
+        self._logs: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        os.makedirs(self.dir, exist_ok=True)
+        host = self.cfg.services.host
+        env = dict(os.environ)
+        threads = self.cfg.services.threads
+        if not threads and self.cfg.algo.max_staleness > 0:
+            # Generation and training overlap: two processes with torch's default thread
+            # count each oversubscribe the cores, and OpenMP then runs ~5x slower (measured
+            # in benchmarks/results/demo_step_cpu.md). Split the cores between them.
+            threads = max(1, (os.cpu_count() or 2) // 2)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        for name in self.names:
+            cfg_path = os.path.join(self.dir, f"{name}.yaml")
+            with open(cfg_path, "w") as f:
+                yaml.safe_dump(self.configs[name], f, sort_keys=False)
+            port = free_port(host)
+            log_path = os.path.join(self.dir, f"{name}.log")
+            self._logs[name] = log_path
+            cmd = [sys.executable, "-m", "covrl.services", name, "--host", host, "--port", str(port),
+                   "--config", cfg_path]
+            with open(log_path, "ab") as logf:
+                self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                                    start_new_session=True)
+            self.addresses[name] = f"{host}:{port}"
+            _log(f"started local {name} service (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
+        return dict(self.addresses)
+
+    def check(self, name: str) -> str | None:
+        """None while ``name`` runs (or is not local); else why it stopped, with its log's tail."""
+        p = self.procs.get(name)
+        if p is None or p.poll() is None:
+            return None
+        tail = ""
+        try:
+            with open(self._logs[name], errors="replace") as f:
+                tail = f.read()[-3000:]
+        except OSError:
+            pass
+        return f"the local {name} service exited with code {p.returncode}; its log ends with:\n{tail}"
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class Clients:
+    """``covrl.client`` clients of the three services (TLS and the shared token from the config).
+
+    Local and remote services go through exactly this path.
+    """
+
+    def __init__(self, cfg: TrainConfig, addresses: dict):
+        from covrl.client import LearnerClient, RewardClient, RolloutClient
+
+        s = cfg.services
+        self.token = os.environ.get(s.token_env, "") if s.token_env else ""
+        kw = dict(token=self.token or None, max_attempts=8, max_backoff_s=10.0,
+                  max_message_bytes=256 * 2**20)
+        if s.tls_ca:
+            kw.update(tls=True, root_certificates=s.tls_ca, client_certificate=s.tls_cert or None,
+                      client_key=s.tls_key or None)
+        self.rollout = [RolloutClient(a, **kw) for a in addresses["rollout"]]
+        self.reward = RewardClient(addresses["reward"], **kw)
+        self.learner = LearnerClient(addresses["learner"], **kw) if addresses.get("learner") else None
+
+    def all(self) -> list[tuple[str, object]]:
+        out = [("rollout", c) for c in self.rollout] + [("reward", self.reward)]
+        return out + ([("learner", self.learner)] if self.learner else [])
+
+    def close(self) -> None:
+        for _, c in self.all():
+            c.close()
+
+
+def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, alive=None,
+               report=_log) -> None:
+    """Block until ``address`` answers the standard health check as SERVING.
+
+    Retries with exponential backoff (0.5 s doubling to 10 s) and says why it waits;
+    raises TimeoutError after ``timeout_s``. ``alive()`` may return a reason to give up
+    early (a local service that exited).
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    t0 = time.monotonic()
+    delay, last_reason, last_report = 0.5, None, 0.0
+    while True:
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                if last_reason is not None:
+                    report(f"{name} service at {address} is up after {time.monotonic() - t0:.1f}s")
+                return
+            reason = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
+        except grpc.RpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+        if alive is not None:
+            dead = alive()
+            if dead:
+                raise RuntimeError(dead)
+        waited = time.monotonic() - t0
+        if waited > timeout_s:
+            raise TimeoutError(f"{name} service at {address} not ready after {waited:.0f}s "
+                               f"(services.connect_timeout_s={timeout_s:g}); last error: {reason}")
+        now = time.monotonic()
+        if reason != last_reason or now - last_report > 30:
+            report(f"waiting for the {name} service at {address} ({reason}); retrying with backoff "
+                   f"(next in {delay:.1f}s, giving up after {timeout_s:g}s)")
+            last_reason, last_report = reason, now
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
