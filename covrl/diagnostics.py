@@ -47,6 +47,8 @@ __all__ = [
     "forecast_ceiling",
     "pearson",
     "predicted_entropy_change",
+    "same_batch_metrics",
+    "same_batch_record",
 ]
 
 
@@ -296,14 +298,21 @@ class EntropyController:
     def in_band(self, entropy: float) -> bool:
         return abs(entropy / self.target - 1.0) <= self.tolerance
 
-    def _eta(self) -> float | None:
+    def _eta(self, current: tuple[float, float] | None = None) -> float | None:
         if self.step_size is not None:
             return self.step_size
-        pairs = [
-            (h0["cov"], h1["entropy"] - h0["entropy"])
-            for h0, h1 in zip(self.history[:-1], self.history[1:], strict=True)
-            if h0["cov"] is not None
-        ]
+        # The same-batch series (cov_t, dH_t of the step-t batch; ``current`` is this step's pair)
+        # when the caller measures it; else the next-batch one (H_t+1 - H_t, dominated by
+        # resampling noise, issue 15).
+        pairs = [(h["cov"], h["observed_delta"]) for h in self.history
+                 if h["cov"] is not None and h.get("observed_delta") is not None]
+        pairs += [current] if current is not None else []
+        if not pairs:
+            pairs = [
+                (h0["cov"], h1["entropy"] - h0["entropy"])
+                for h0, h1 in zip(self.history[:-1], self.history[1:], strict=True)
+                if h0["cov"] is not None
+            ]
         if len(pairs) < self.min_fit_points:
             return None
         c, d = zip(*pairs, strict=True)
@@ -315,14 +324,24 @@ class EntropyController:
 
     # -- the step ------------------------------------------------------------------
 
-    def update(self, entropy: float, cov: float | None = None) -> dict[str, float]:
-        """Feed this step's measured entropy (and covariance); returns the next step's loss kwargs."""
+    def update(self, entropy: float, cov: float | None = None,
+               observed_delta: float | None = None) -> dict[str, float]:
+        """Feed this step's measured entropy (and covariance); returns the next step's loss kwargs.
+
+        ``observed_delta``: this step's same-batch entropy change (the learner's
+        ``entropy_delta``, after - before on the step's own tokens). When given, ``eta`` is
+        fitted on the ``(cov_t, observed_delta_t)`` pairs, this one included.
+        """
         if not isinstance(entropy, (int, float)) or not math.isfinite(entropy) or entropy < 0:
             raise ValueError(f"entropy must be a finite number >= 0 (nats), got {entropy!r}")
         if cov is not None and (not isinstance(cov, (int, float)) or not math.isfinite(cov)):
             raise ValueError(f"cov must be a finite number or None, got {cov!r}")
+        if observed_delta is not None and (not isinstance(observed_delta, (int, float))
+                                           or not math.isfinite(observed_delta)):
+            raise ValueError(f"observed_delta must be a finite number or None, got {observed_delta!r}")
         entropy = float(entropy)
-        eta = self._eta() if (self.use_cov and cov is not None) else None
+        current = None if cov is None or observed_delta is None else (float(cov), float(observed_delta))
+        eta = self._eta(current) if (self.use_cov and cov is not None) else None
         h_next = entropy
         if eta is not None:
             h_next = entropy + self.horizon * predicted_entropy_change(float(cov), eta)
@@ -337,6 +356,7 @@ class EntropyController:
                 "step": float(len(self.history)),
                 "entropy": entropy,
                 "cov": None if cov is None else float(cov),
+                "observed_delta": None if observed_delta is None else float(observed_delta),
                 "step_size": eta,
                 "predicted_entropy": h_next,
                 "error": err,
@@ -379,6 +399,48 @@ class EntropyController:
         self._integral = float(state["integral"])
         self.value = float(state["value"])
         self.history = [dict(h) for h in state["history"]]
+
+
+# --------------------------------------------------------------------------------------
+# Same-batch entropy change, live (the trainer's entropy/* metrics)
+
+SAME_BATCH_WINDOW = 20  # trailing steps of the live Pearson
+# learner metric -> trainer history key -> trainer metric
+SAME_BATCH_KEYS = (
+    ("entropy_delta", "dH_same", "entropy/observed_delta"),
+    ("entropy_delta_lemma1", "dH_lemma1", "entropy/predicted_delta_lemma1"),
+    ("entropy_delta_cov", "dH_cov", "entropy/predicted_delta_cov"),
+    ("entropy_step_size", "eta", "entropy/step_size"),
+)
+
+
+def same_batch_record(learner_metrics: dict) -> dict[str, float]:
+    """This step's same-batch entries for the trainer's history, from the learner's metrics
+    (``covrl.learner.diagnostics``; absent when ``measure_entropy_change`` is off)."""
+    return {key: float(learner_metrics[src]) for src, key, _ in SAME_BATCH_KEYS
+            if src in learner_metrics and math.isfinite(float(learner_metrics[src]))}
+
+
+def same_batch_metrics(history: Sequence[dict], window: int = SAME_BATCH_WINDOW) -> dict[str, float]:
+    """The latest step's ``entropy/*`` metrics and, over the last ``window`` steps of ``history``
+    (records from :func:`same_batch_record`), the Pearson of each prediction against the observed
+    same-batch change (``entropy/pearson_lemma1``, ``entropy/pearson_cov``; from 3 pairs, NaN-free)."""
+    if window < 3:
+        raise ValueError(f"window must be >= 3, got {window!r}")
+    out: dict[str, float] = {}
+    if not history:
+        return out
+    for _, key, name in SAME_BATCH_KEYS:
+        if key in history[-1]:
+            out[name] = history[-1][key]
+    tail = list(history)[-window:]
+    for key, name in (("dH_lemma1", "entropy/pearson_lemma1"), ("dH_cov", "entropy/pearson_cov")):
+        pairs = [(h[key], h["dH_same"]) for h in tail if key in h and "dH_same" in h]
+        if len(pairs) >= 3:
+            r = pearson([p for p, _ in pairs], [o for _, o in pairs])
+            if math.isfinite(r):
+                out[name] = r
+    return out
 
 
 def entropy_drops(entropy: Sequence[float]) -> np.ndarray:

@@ -12,6 +12,8 @@ from covrl.diagnostics import (
     forecast_ceiling,
     pearson,
     predicted_entropy_change,
+    same_batch_metrics,
+    same_batch_record,
 )
 
 # ----------------------------------------------------------------------------- R–H fit
@@ -181,6 +183,44 @@ def test_controller_covariance_feed_forward():
     c.update(0.6, cov=1.0)
     assert c.history[-1]["step_size"] == pytest.approx(0.1)
     assert c.history[-1]["predicted_entropy"] == pytest.approx(0.5)
+
+
+def test_controller_fits_eta_on_the_same_batch_series():
+    # Same-batch dH = -0.2 * cov every step, while the entropy level (next-batch differences) is
+    # resampling noise that says nothing about eta: the controller must use the same-batch pairs.
+    c = EntropyController(target=1.0, knob="kl_coef", min_fit_points=3, horizon=1)
+    rng = np.random.default_rng(0)
+    covs = [0.5, 1.0, 2.0, 1.5]
+    for i, cov in enumerate(covs):
+        c.update(1.0 + 0.3 * rng.standard_normal(), cov=cov, observed_delta=-0.2 * cov)
+        if i < 2:
+            assert c.history[-1]["step_size"] is None  # fewer than 3 pairs, this one included
+    assert c.history[-1]["step_size"] == pytest.approx(0.2)
+    assert c.history[-1]["observed_delta"] == pytest.approx(-0.3)
+    with pytest.raises(ValueError, match="observed_delta"):
+        c.update(1.0, cov=1.0, observed_delta=float("nan"))
+
+
+def test_same_batch_metrics_names_and_trailing_pearson():
+    hist = []
+    rng = np.random.default_rng(1)
+    for t in range(30):
+        dh = float(rng.standard_normal())
+        learner = {"entropy_delta": dh, "entropy_delta_lemma1": dh + 0.01 * float(rng.standard_normal()),
+                   "entropy_delta_cov": (-dh if t >= 25 else dh), "entropy_step_size": 0.5, "unrelated": 1.0}
+        hist.append({"step": t, "H": 1.0, "cov": 0.1, **same_batch_record(learner)})
+    m = same_batch_metrics(hist, window=5)
+    assert set(m) == {"entropy/observed_delta", "entropy/predicted_delta_lemma1", "entropy/predicted_delta_cov",
+                      "entropy/step_size", "entropy/pearson_lemma1", "entropy/pearson_cov"}
+    assert m["entropy/observed_delta"] == hist[-1]["dH_same"]
+    assert m["entropy/pearson_lemma1"] > 0.99
+    assert m["entropy/pearson_cov"] == pytest.approx(-1.0)  # only the last 5 steps count
+    assert same_batch_metrics(hist, window=30)["entropy/pearson_cov"] > -0.9
+    # the learner's diagnostic off: no same-batch keys, no Pearson, nothing invented
+    assert same_batch_metrics([{"step": 0, "H": 1.0, "cov": 0.1, **same_batch_record({"entropy": 1.0})}]) == {}
+    assert same_batch_record({"entropy_delta": float("nan")}) == {}
+    with pytest.raises(ValueError, match="window"):
+        same_batch_metrics(hist, window=2)
 
 
 def test_controller_state_dict_round_trip():

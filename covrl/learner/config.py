@@ -65,6 +65,11 @@ class LearnerConfig:
     recompute_old_logprobs: bool = _f(False, "PPO old log-probs from a no-grad pass of the learner's weights")
     tis_cap: float = _f(0.0, "truncated IS: weight tokens by min(exp(old - behaviour), tis_cap) (0 = off)")
     temperature: float = _f(1.0, "sampling temperature of the rollouts (log-probs use logits / T)")
+    # --- diagnostics
+    measure_entropy_change: bool = _f(True, "after the update, one extra no-grad forward of the same sequences: "
+                                      "exact same-batch entropy change and its Lemma-1 / -eta*Cov predictions "
+                                      "(metrics entropy_delta*, covrl.learner.diagnostics); with mini_batch_size "
+                                      "splitting the batch also a no-grad scoring pass before the update")
     # --- limits
     max_pending_trajectories: int = _f(65536, "submit() refuses more than this many waiting trajectories")
 

@@ -9,8 +9,9 @@ Algorithm of :meth:`LearnerCore.train_step` (top to bottom):
 2. **Advantages.** ``covrl.advantages.compute_advantages(config.advantage, rewards,
    group_ids)`` (grpo / drgrpo / rloo / reinforce_pp), one scalar per trajectory,
    broadcast over its completion tokens.
-3. **Scoring pass** (no grad; only when ``recompute_old_logprobs`` or
-   ``entropy_top_quantile > 0``): log-probs and exact entropies under the current weights.
+3. **Scoring pass** (no grad; only when ``recompute_old_logprobs``,
+   ``entropy_top_quantile > 0``, or ``measure_entropy_change`` with ``mini_batch_size``
+   splitting the batch): log-probs and exact entropies under the current weights.
    They become PPO's old log-probs (``recompute_old_logprobs``) and define the 80/20
    token set. Otherwise the old log-probs are the behaviour log-probs.
 4. **Update.** For ``ppo_epochs`` epochs, shuffle (seeded) and split into mini-batches of
@@ -22,7 +23,10 @@ Algorithm of :meth:`LearnerCore.train_step` (top to bottom):
    scaled by its share of the mini-batch's tokens (or sequences, for ``seq-mean-*``), so
    the accumulated gradient is that of the whole mini-batch. Gradients are clipped to
    ``max_grad_norm``.
-5. **Publish.** ``weight_version`` increments once per step that applied an update;
+5. **Entropy change** (``measure_entropy_change``, default on): one no-grad forward of the
+   same sequences after the update; the exact same-batch entropy change and its Lemma-1 and
+   ``-eta * Cov`` predictions (:mod:`covrl.learner.diagnostics`).
+6. **Publish.** ``weight_version`` increments once per step that applied an update;
    :meth:`named_tensors` yields the full weights for pushing to rollout servers.
 
 Metrics are measured exactly from logits: ``entropy`` (token-mean over response
@@ -73,6 +77,7 @@ from covrl import reference
 from covrl.advantages import compute_advantages
 from covrl.learner.batch import Trajectory, pack
 from covrl.learner.config import LearnerConfig
+from covrl.learner.diagnostics import entropy_change
 from covrl.learner.distributed import allreduce_sum, rank_chunks
 from covrl.learner.errors import NonFiniteLossError
 from covrl.learner.policy import logits_lp_ent, scoring_pass
@@ -89,10 +94,12 @@ def train(core: LearnerCore, batch: list[Trajectory], cfg: LearnerConfig) -> dic
     score(core, cfg, s)  # 3. scoring pass: old log-probs, entropies, the 80/20 token set
     tally = update(core, cfg, s)  # 4. epochs -> mini-batches -> micro-batches
     gather(core, s, tally)  # 5. metrics (global over ranks)
+    # 6. same-batch entropy change: one no-grad forward of the same sequences after the update
+    delta = entropy_change(core, s) if cfg.measure_entropy_change and tally.n_updates else {}
     if tally.n_updates:
         core.weight_version += 1
     core.step += 1
-    return metrics(cfg, s, tally, core.weight_version, t0)
+    return {**metrics(cfg, s, tally, core.weight_version, t0), **delta}
 
 
 @dataclass
@@ -171,7 +178,10 @@ def score(core: LearnerCore, cfg: LearnerConfig, s: StepTensors) -> None:
     dev = core.device
     n, c_max, resp_mask = s.n, s.c_max, s.resp_mask
     recompute = cfg.recompute_old_logprobs
-    measured = recompute or cfg.entropy_top_quantile > 0
+    # measure_entropy_change needs the pre-update policy on every row; with several mini-batches
+    # the first epoch's forwards would mix pre- and mid-update weights, so score first
+    split = (cfg.mini_batch_size or n) < n
+    measured = recompute or cfg.entropy_top_quantile > 0 or (cfg.measure_entropy_change and split)
     if measured:
         meas_lp, meas_ent = scoring_pass(core, s.batch, n, c_max)
     else:

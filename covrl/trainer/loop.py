@@ -26,8 +26,8 @@ Algorithm (one step ``t``; the loop in :meth:`Trainer.train_step` reads in this 
    covariance; its output is logged and sent with the next ``Train``. Metrics per step:
    reward mean / accuracy, response length, exact policy entropy (token mean over
    response tokens, from the learner's logits), token-mean centred Cov(log pi, A), the
-   entropy change that covariance predicts (``-eta * Cov`` with ``eta`` fitted only on
-   earlier steps) and the change observed at the next step, clip / selection fractions,
+   same-batch entropy change of the update and its Lemma-1 and ``-eta * Cov`` predictions
+   (``entropy/*``, ``covrl.learner.diagnostics``), clip / selection fractions,
    KL to the behaviour policy, and the time split generate / score / train / sync.
 
 Off-policy (``algo.max_staleness``): 0 is synchronous. With 1, the batch for step t+1 is
@@ -305,7 +305,8 @@ class Trainer:
     def _control(self, m: dict) -> None:
         """The entropy controller turns its knob from this step's metrics (sent with the next Train)."""
         if self.controller is not None:
-            self._loss_overrides = self.controller.update(m["actor/entropy"], m.get("actor/cov"))
+            self._loss_overrides = self.controller.update(m["actor/entropy"], m.get("actor/cov"),
+                                                          m.get("entropy/observed_delta"))
             for k, v in self.controller.history[-1].items():
                 if v is not None and k != "step":
                     m[f"controller/{k}"] = float(v)
@@ -429,23 +430,16 @@ class Trainer:
         }
         for k, v in resp.metrics.items():
             m.setdefault(f"actor/{k}", v)
-        # dH predicted from this step's covariance (eta fitted on earlier steps only) and the
-        # change observed since the last step.
-        from covrl.diagnostics import fit_step_size, predicted_entropy_change
+        # Same-batch dH observed by the learner (its extra forward after the update) and its two
+        # predictions, with their trailing Pearson (covrl.diagnostics.same_batch_metrics); the
+        # next-batch difference is kept under its own name (mostly resampling noise).
+        from covrl.diagnostics import same_batch_metrics, same_batch_record
 
         H, cov = float(resp.entropy), float(resp.cov_logp_adv)
         if self.history:
-            m["entropy/observed_delta"] = H - self.history[-1]["H"]
-            self.history[-1]["dH"] = m["entropy/observed_delta"]
-        pairs = [(h["cov"], h["dH"]) for h in self.history if "dH" in h and math.isfinite(h["cov"])]
-        if len(pairs) >= 3:
-            try:
-                eta = fit_step_size([c for c, _ in pairs], [d for _, d in pairs])
-                m["entropy/eta"] = eta
-                m["entropy/predicted_delta"] = float(predicted_entropy_change(cov, eta))
-            except ValueError:
-                pass
-        self.history.append({"step": step, "H": H, "cov": cov})
+            m["entropy/next_batch_delta"] = H - self.history[-1]["H"]
+        self.history.append({"step": step, "H": H, "cov": cov, **same_batch_record(resp.metrics)})
+        m.update(same_batch_metrics(self.history))
         return m
 
     # -- evaluation, checkpoint / resume (covrl.trainer.evaluation, covrl.trainer.checkpoint) --
