@@ -18,7 +18,7 @@ covrl steps per mode at --profile-shape and writes a per-kernel table to --profi
 Writes a markdown table (benchmarks/results/policy_loss_<device>.md by default).
 
 --next all,finalize,filter,occupancy,reverse (CUDA) also times the opt-in candidate forward kernels
-(the COVRL_PL_CUDA_NEXT switch of csrc/cuda/policy_loss.cu) at --profile-shape, each against
+(the COVRL_PL_CUDA_NEXT switch of csrc/cuda/policy_loss/) at --profile-shape, each against
 the default kernels in the same run (graph replay; the default is timed before and after),
 into --next-out; with --profile, the first variant is profiled too (--next-profile-out).
 """
@@ -198,7 +198,7 @@ def run_next(args, note):
     lines = [f"# policy_loss CUDA candidate kernels vs default at {B}x{T} (graph replay)", "", note, "",
              f"Forward+backward captured in one CUDA graph, median µs per replay over {args.graph_reps} "
              "replays. The default kernels are timed before and after the variants; the ratio uses "
-             "their mean. COVRL_PL_CUDA_NEXT items: csrc/cuda/policy_loss.cu (`Next`).", "",
+             "their mean. COVRL_PL_CUDA_NEXT items: csrc/cuda/policy_loss/common.cuh (`Next`).", "",
              "| mode | COVRL_PL_CUDA_NEXT | graph µs | default µs (before / after) | vs default |",
              "|---|---|---:|---:|---:|"]
 

@@ -1,5 +1,5 @@
 // Per-token math of the PPO / Clip-Cov / KL-Cov policy loss, shared by the CPU
-// kernel (csrc/cpu/policy_loss.cpp) and the CUDA kernel (csrc/cuda/policy_loss.cu)
+// kernel (csrc/cpu/policy_loss.cpp) and the CUDA kernel (csrc/cuda/policy_loss/)
 // so that both select exactly the same tokens. The spec is covrl/reference.py.
 #pragma once
 

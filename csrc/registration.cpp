@@ -1,6 +1,6 @@
 // Every covrl op schema, in ONE TORCH_LIBRARY block. Kernels register their
-// implementations per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu; the Python
-// side (covrl/ops.py) adds register_fake and register_autograd.
+// implementations per backend in csrc/cpu/*.cpp and csrc/cuda/ (*.cu, policy_loss/*.cu); the Python
+// side (covrl/ops/) adds register_fake and register_autograd.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
 // A small SIMT emulator: runs covrl's CUDA kernels, unchanged, on the CPU.
 //
-// Used only by the tests (tests/ops/test_cuda_emulated.py builds csrc/cuda/*.cu with
+// Used only by the tests (tests/ops/test_cuda_emulated.py builds csrc/cuda/**/*.cu with
 // COVRL_SIMT_EMU defined); the package itself never compiles it. It lets a machine without a
 // GPU check the kernels' logic: indexing, grid-stride loops, shuffles, ballots, block
 // barriers, shared-memory use, atomics and the host-side orchestration, against the CPU

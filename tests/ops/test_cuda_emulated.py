@@ -9,6 +9,7 @@ It does not check timing or the memory model of real hardware; the ``gpu``-marke
 test_policy_loss.py / test_logprob_entropy.py do that on a GPU.
 """
 
+import glob
 import itertools
 import os
 import warnings
@@ -24,6 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SIMT_DIR = os.path.join(ROOT, "tests", "ops", "simt")
 
 
+def _read(path):
+    with open(path) as fh:
+        return fh.read()
+
+
 @pytest.fixture(scope="module")
 def simt():
     """Builds (ninja, cached under build/simt_emu) and loads the emulated kernels."""
@@ -31,10 +37,21 @@ def simt():
 
     build = os.path.join(ROOT, "build", "simt_emu")
     os.makedirs(build, exist_ok=True)
+    sources = [os.path.join(SIMT_DIR, f) for f in
+               ("policy_loss_emu.cpp", "logprob_entropy_emu.cpp", "selftest_emu.cpp")]
+    # csrc/cuda/policy_loss/*.cu: one translation unit each, as in the CUDA build (a launcher
+    # that is not instantiated fails the load here, as it would the extension's import)
+    for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "policy_loss", "*.cu"))):
+        name = os.path.basename(cu)[:-len(".cu")]
+        text = f'#define COVRL_SIMT_EMU 1\n#include "cuda/policy_loss/{name}.cu"\n'
+        path = os.path.join(build, f"policy_loss_{name}_emu.cpp")
+        if not os.path.exists(path) or _read(path) != text:  # unchanged: ninja keeps the object
+            with open(path, "w") as fh:
+                fh.write(text)
+        sources.append(path)
     cpp_extension.load(
         name="covrl_simt",
-        sources=[os.path.join(SIMT_DIR, f) for f in
-                 ("policy_loss_emu.cpp", "logprob_entropy_emu.cpp", "selftest_emu.cpp")],
+        sources=sources,
         # no strict aliasing: the kernels read int16/uint8 marks through 16-byte vectors
         extra_cflags=["-O2", "-std=c++17", "-fno-strict-aliasing", "-w"],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
