@@ -7,7 +7,9 @@ Cui et al., 2025) and its published reference implementation (verl's ``clip_cov`
 
 Policy loss semantics (``policy_loss``)
 ---------------------------------------
-All arithmetic is float32 whatever the input dtype. ``valid = mask != 0``.
+All arithmetic is float32 whatever the input dtype. ``valid = mask != 0``; ``covrl.ops``
+rejects a mask holding values other than 0/1 (this reference would treat them as 1, where
+verl's token-mean weights tokens by them).
 
 * centred covariance per token: ``cov = (A - mean_valid(A)) * (logp - mean_valid(logp))``
   (values only: no gradient flows through ``cov``).

@@ -58,6 +58,29 @@ def _check_tensors(log_prob, old_log_prob, advantages, mask, is_weights):
     if advantages.shape != log_prob.shape and tuple(advantages.shape) != (log_prob.shape[0],):
         raise ValueError(f"advantages must be [B, T] {tuple(log_prob.shape)} or [B] "
                          f"({log_prob.shape[0]},), got {tuple(advantages.shape)}")
+    _check_mask_values(mask)
+
+
+MASK_VALUES_MSG = ("mask must hold only 0 and 1 (or be bool): covrl does not weight tokens by a fractional "
+                   "mask (verl's token-mean would), it would count them as 1")
+
+
+def _check_mask_values(mask: torch.Tensor) -> None:
+    """A non-bool mask must be 0/1: a fractional one would silently count as 1.
+
+    CPU: a ``ValueError`` naming the first bad value. CUDA: ``torch._assert_async`` (no host
+    sync, like the labels check of ``logprob_entropy``): a device-side assert reported at the
+    next synchronising call. A bool mask costs nothing.
+    """
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)  # NaN is bad too
+    if mask.device.type == "cpu":
+        if bool(bad.any()):
+            at = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{MASK_VALUES_MSG}; got {mask[at].item()!r} at {list(at)}")
+    else:
+        torch._assert_async(~bad.any(), MASK_VALUES_MSG)
 
 
 def _check_finite_host(log_prob, old_log_prob, advantages, mask, is_weights):

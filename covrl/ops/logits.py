@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from covrl import reference
-from covrl.ops.checks import _check_logprob_entropy_args
+from covrl.ops.checks import _check_logprob_entropy_args, _check_mask_values
 from covrl.ops.policy import policy_loss
 
 
@@ -78,6 +78,8 @@ def fused_policy_loss(
     [B, T]; or logits [N, V] with [N] token tensors (advantages per token), treated as one
     sequence of N tokens.
     """
+    if isinstance(mask, torch.Tensor):
+        _check_mask_values(mask)  # before the pass over the logits (policy_loss checks the rest)
     log_prob, entropy = logprob_entropy(logits, labels, temperature=temperature, with_entropy=True,
                                         inplace_grad=inplace_grad)
     if logits.dim() == 2:
