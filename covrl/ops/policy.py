@@ -120,7 +120,8 @@ def policy_loss(
     Runs the compiled kernel (``covrl::policy_loss_fwd``) when there is one for the device.
     The gradient flows to ``log_prob`` only. ``mask`` is bool or 0/1 in any real dtype; other
     values are rejected (CPU: ValueError; CUDA: device-side assert), never used as weights.
-    ``selection=`` takes ``compute_selection(...).rows(start, end)`` for split-invariant selection; the default selects within this call.
+    ``selection=`` takes ``compute_selection(...).rows(start, end)`` for split-invariant
+    selection; the default selects within this call.
     """
     loss, metrics, _ = policy_loss_selected(
         log_prob, old_log_prob, advantages, mask, mode=mode, agg=agg, clip_low=clip_low,

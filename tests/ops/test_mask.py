@@ -92,9 +92,10 @@ def test_all_masked_and_empty_masks_still_work():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs CUDA and the covrl CUDA kernel")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_non_binary_mask_is_a_device_assert():
-    """In a subprocess: a device assert ends the CUDA context of the process it fires in."""
+    """In a subprocess: a device assert ends the CUDA context of the process it fires in. The
+    check is in Python, before the kernel or the reference runs: CUDA alone is enough."""
     code = (
         "import torch, covrl\n"
         "lp = -torch.rand(4, 64, device='cuda'); adv = torch.randn(4, device='cuda')\n"
