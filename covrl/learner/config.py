@@ -85,7 +85,11 @@ class LearnerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown learner config field(s) {unknown}; known: {sorted(known)}")
+            import difflib
+
+            hints = [f"{k} (did you mean {c[0]}?)" if (c := difflib.get_close_matches(k, known, n=1)) else k
+                     for k in unknown]
+            raise ValueError(f"unknown learner config field(s): {', '.join(hints)}; known: {sorted(known)}")
         return cls(**d)
 
     def validate(self) -> None:

@@ -1,0 +1,94 @@
+"""services/*/config.example.yaml run as written on a CPU machine, and a service config mistake
+is one line naming the file and the key, with exit code 2.
+
+The examples name the demo model (``model_path: demo``); here only that value is swapped for
+a tiny model saved to a temporary directory, so the test needs no download.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from covrl.models import save_tiny_model
+from covrl.services.launch import ServiceConfigError, check_config, load_config, start
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL_KEY = {"rollout": ("engine", "model_path"), "learner": ("learner", "model")}
+
+
+def example(name: str) -> str:
+    return os.path.join(ROOT, "services", name, "config.example.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.parametrize("name", ["rollout", "reward", "learner"])
+def test_example_config_runs_on_cpu(name, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in the example (checkpoint_dir) land here
+    cfg = load_config(example(name))
+    if name in MODEL_KEY:
+        section, key = MODEL_KEY[name]
+        assert cfg[section][key] == "demo", "the example must name the demo model so it runs as written"
+        assert cfg[section]["device"] == "cpu"
+        cfg[section][key] = tiny_model
+    running = start(name, check_config(name, cfg), "127.0.0.1", 0)
+    try:
+        import grpc
+
+        with grpc.insecure_channel(running.address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(0)
+
+
+def _run(name: str, config: dict, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "covrl.services", name, "--config", str(path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name, config, expect", [
+    ("reward", {"verifier": {"workrs": 2}}, "verifier.workrs: unknown key (did you mean verifier.workers?)"),
+    ("learner", {"learner": {"model": "demo", "lrr": 1e-5}}, "learner.lrr: unknown key (did you mean learner.lr?)"),
+    ("rollout", {"engine": {"model_path": "demo", "devce": "cpu"}},
+     "engine.devce: unknown key (did you mean engine.device?)"),
+    ("rollout", {"servr": {}, "engine": {}}, "servr: unknown key (did you mean server?)"),
+    ("rollout", {"engine": {"model_path": "/models/policy"}}, "engine.model_path: no such directory: /models/policy"),
+    ("learner", {"learner": {"model": "/models/policy"}}, "learner.model: no such directory: /models/policy"),
+    ("reward", {"server": {"max_workers": 0}}, "server.max_workers: expected >= 1"),
+])
+def test_config_mistake_is_one_line_exit_2(name, config, expect, tmp_path):
+    proc = _run(name, config, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert expect in lines[0]
+    assert str(tmp_path / f"{name}.yaml") in lines[0]  # names the file
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "covrl.services", "reward", "--config", str(tmp_path / "no.yaml")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"covrl reward: config error: config file not found: {tmp_path / 'no.yaml'}"
+
+
+def test_check_config_resolves_model_paths(tiny_model):
+    cfg = check_config("learner", {"learner": {"model": tiny_model}})
+    assert cfg["learner"]["model"] == tiny_model
+    with pytest.raises(ServiceConfigError, match=r"learner\.model: no such directory: \./nothing-here"):
+        check_config("learner", {"learner": {"model": "./nothing-here"}})
+    with pytest.raises(ServiceConfigError, match="learner: section required"):
+        check_config("learner", {})
