@@ -9,21 +9,27 @@ Models", make three empirical / analytical claims that these functions check on 
   fit is exact and closed form (no iterative optimiser, no initial guess).
   :func:`forecast_ceiling` fits only the first ``fraction`` of a run's steps, the paper's
   "predict the final performance early" use.
-* **Covariance drives entropy.** For a softmax policy updated by natural policy gradient with
-  step ``eta``, the entropy change at a state is ``H_{k+1} - H_k ≈ -eta * Cov_{a~pi}(log pi(a),
-  A(a))`` (the paper's Lemma / Theorem on the "entropy dynamics"). :func:`predicted_entropy_change`
-  applies it to the batch estimate ``covrl.policy_loss`` reports as ``metrics["cov"]`` (the
-  token-mean centred covariance over all response tokens of the batch).
+* **Covariance drives entropy.** Lemma 1: for a softmax policy, a change ``dz`` of the logits
+  at state ``s`` changes its entropy by ``H_{k+1}(s) - H_k(s) ≈ -Cov_{a~pi}(log pi(a), dz(a))``.
+  Theorem 2 (natural policy gradient, tabular softmax, ``dz = eta * A``) turns this into
+  ``-eta * Cov_{a~pi}(log pi(a), A(a))``; Theorem 1 (vanilla PG, ``dz = eta * pi * A``) into
+  ``-eta * Cov(log pi, pi * A)``. :func:`predicted_entropy_change` applies Theorem 2's form to
+  the batch estimate ``covrl.policy_loss`` reports as ``metrics["cov"]`` (Eq. 10's token-wise
+  centred product, averaged over all response tokens of the batch: the estimator Clip-Cov
+  and KL-Cov select with).
 
-  The approximation, said plainly: (1) it is first order in ``eta``; (2) it is exact only for a
-  tabular softmax under natural PG (vanilla PG gives ``Cov(log pi, pi * A)`` instead); (3) the
-  batch estimate pools tokens of different states, so it mixes the within-state covariance the
-  theorem is about with a between-state term; (4) with a neural network and Adam there is no
-  single "learning rate" in logit space. ``eta`` is therefore a free, *effective* step size:
-  :func:`fit_step_size` fits it by least squares through the origin on a run's observed
-  ``(cov_t, dH_t)`` pairs. Whether ``-cov`` tracks ``dH`` at all is what :func:`pearson` on the
-  two series measures (the fitted ``eta`` only scales the prediction, it cannot change the
-  correlation).
+  The approximation, said plainly: (1) it is first order in ``eta``; (2) Theorems 1 / 2 are
+  exact only for a tabular softmax; (3) the batch estimate pools tokens of different states,
+  so it mixes the within-state covariance the theorem is about with a between-state term;
+  (4) with a neural network and Adam there is no single "learning rate" in logit space.
+  :func:`fit_step_size` fits an *effective* ``eta`` by least squares through the origin on
+  ``(cov_t, dH_t)`` pairs; ``dH_t`` should be the *same-batch* change (the learner's
+  ``entropy_delta``: the step's own tokens before and after its update), not the difference
+  between two sampled batches, which is mostly resampling noise (issue 15). The learner
+  measures the step size it really took instead (``covrl.learner.diagnostics``), and
+  predicts by Lemma 1 with no constant at all. Whether a prediction tracks ``dH`` is what
+  :func:`pearson` measures (a constant ``eta`` only scales it, it cannot change the
+  correlation); :func:`same_batch_metrics` gives the trainer's live ``entropy/*`` metrics.
 
 :class:`EntropyController` goes beyond the paper: it turns one regularisation knob of the
 Clip-Cov / KL-Cov loss (``kl_coef``, ``kl_cov_fraction`` or ``clip_cov_fraction``) from the

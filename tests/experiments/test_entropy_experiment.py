@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from covrl.experiments import entropy as E
 
 TINY = ["--steps", "4", "--sft-steps", "3", "--sft-batch", "16", "--prompts-per-step", "4", "--group-size", "4",
-        "--minibatches", "2", "--micro-batches", "2", "--d-model", "16", "--n-layers", "1", "--n-heads", "2"]
+        "--minibatches", "2", "--micro-batches", "2", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+        "--fig8-steps", "4", "--lemma-steps", "2", "--probe-depth", "1", "--rh-steps", "6", "--rh-val-every", "2",
+        "--rh-sft-steps", "3", "--tabular-states", "8", "--tabular-steps", "5", "--seeds", "0,1"]
 
 
 def test_task_reward_and_answers():
@@ -44,15 +47,80 @@ def test_sampler_masks_after_eos_and_reports_exact_entropy():
     assert float(ent.max()) <= torch.log(torch.tensor(float(E.VOCAB))) + 1e-5
 
 
+def test_holdout_and_max_entropy():
+    task = E.DigitSum(4, 6, 34, holdout_every=4)
+    assert task.heldout == [9, 13, 17, 21, 25, 29, 33] and not set(task.heldout) & set(task.targets)
+    g = torch.Generator().manual_seed(0)
+    n = lambda b: ((b[:, 1] - E.DIGIT0) * 10 + b[:, 2] - E.DIGIT0).tolist()  # noqa: E731
+    assert not set(n(task.sft_batch(256, g))) & set(task.heldout)  # SFT never sees a held-out N
+    small = E.DigitSum(3, 5, 24)
+    import math
+
+    h1 = small.max_entropy_per_token(1.0)
+    assert h1 == pytest.approx(sum(math.log(len(small.answers[t])) for t in small.targets) / 20 / 4)
+    assert h1 == pytest.approx(0.845, abs=1e-3)  # the number
+    # less reward allows more entropy, never more than uniform over every (K+1)-token sequence
+    vals = [small.max_entropy_per_token(r) for r in (1.0, 0.99, 0.5, 0.0)]
+    assert vals == sorted(vals) and vals[-1] <= math.log(E.VOCAB) + 1e-9
+
+
+def test_exact_accuracy_matches_sampling():
+    cfg = E.Config(d_model=16, n_layers=1, n_heads=2)
+    task = E.DigitSum(3, 5, 24)
+    model = E.build_model(cfg, task)
+    model.load_state_dict(E.sft(cfg, task, seed=0, steps=30))
+    model.eval()
+    acc = E.exact_accuracy(model, task, [5, 12])
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([5, 12] * 2000)
+    resp, *_ = E.sample(model, task.prompts(t), task.response_len, g)
+    mc = float(task.reward(t, resp).mean())
+    assert 0.02 < acc < 0.98
+    assert abs(mc - acc) < 4 * math.sqrt(acc * (1 - acc) / len(t))
+
+
+def test_tabular_theorems_and_lemma1_are_exact_to_first_order():
+    tab = E.tabular(16, 6, 20, eta_pg=0.2, eta_npg=0.02)
+    for key in ("theorem1_pg", "theorem2_npg"):
+        assert min(tab[key]["pearson_per_step"]) > 0.999
+        assert tab[key]["h_end"] < tab[key]["h_start"]  # the updates do move the policy
+    # a big natural-PG step breaks the first-order statement: the check can fail
+    assert min(E.tabular(16, 6, 20, eta_npg=3.0)["theorem2_npg"]["pearson_per_step"]) < 0.99
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 14, generator=g, dtype=torch.float64)
+    dz = z + torch.randn(300, 14, generator=g, dtype=torch.float64)  # mostly sharpening: the sum does not cancel
+    small = E.lemma1_states(torch.log_softmax(z, -1), torch.log_softmax(z + 1e-3 * dz, -1))
+    assert small["pearson"] > 0.9999 and small["ratio"] == pytest.approx(1.0, abs=0.01)
+    big = E.lemma1_states(torch.log_softmax(z, -1), torch.log_softmax(z + 1.0 * dz, -1))
+    assert big["pearson"] < 0.99
+
+
 def test_same_seed_same_run():
-    cfg = E.Config(steps=2, sft_steps=2, sft_batch=8, prompts_per_step=2, group_size=4, minibatches=1,
-                   micro_batches=2, d_model=16, n_layers=1, n_heads=2)
+    cfg = E.Config(steps=2, sft_steps=40, sft_batch=32, prompts_per_step=4, group_size=4, minibatches=1,
+                   micro_batches=2, d_model=16, n_layers=1, n_heads=2, probe_depth=1)
     task = E.DigitSum(cfg.digits, cfg.target_min, cfg.target_max)
     st = E.sft(cfg, task)
-    a = E.run_method(cfg, "clip_cov", st, "micro", 0.5)["log"]
-    b = E.run_method(cfg, "clip_cov", st, "micro", 0.5)["log"]
+    spec = {"seed": 0, "steps": 3, "label": "x", "method": "clip_cov", "claim": "dose_clip", "probe": True}
+    a = E.run_method(cfg, spec, st)["log"]
+    b = E.run_method(cfg, spec, st)["log"]
     a.pop("time_s"), b.pop("time_s")
-    assert a == b
+    assert json.dumps(a) == json.dumps(b)  # NaN-safe equality
+    assert any(d != 0 for d in a["dH_same"])  # some step had a mixed group, so an update
+    assert all(p > 0.99 for p, d in zip(a["probe_pearson"], a["dH_same"], strict=True) if d != 0)  # Lemma 1
+    assert len(a["probe_pearson"]) == 3 and len(a["dH_same"]) == 3
+    assert a["entropy_after"][0] - a["entropy"][0] == pytest.approx(a["dH_same"][0], abs=1e-6)
+
+
+def test_run_specs_cover_every_claim_and_seed():
+    specs = E.run_specs(E.Config(seeds="3,4", kl_coefs="1,3,10", clip_cov_fractions="0.005,0.02,0.08"))
+    labels = [s["label"] for s in specs]
+    assert len(labels) == len(set(labels))
+    for seed in (3, 4):
+        claims = [s["claim"] for s in specs if s["seed"] == seed]
+        assert claims.count("dose_kl") == 3 and claims.count("dose_clip") == 3
+        assert {"main", "fig8", "rh"} <= set(claims)
+    assert {s["claim"] for s in specs if s["seed"] == 3} >= {"lemma1", "lemma1_adam", "controller"}
+    assert all(s["loss"]["clip_cov_fraction"] > 0 for s in specs if s["claim"] == "dose_clip")
 
 
 def test_short_experiment_writes_every_artefact(tmp_path):
@@ -63,26 +131,34 @@ def test_short_experiment_writes_every_artefact(tmp_path):
         assert (out / name).stat().st_size > 1000, name
         assert f"]({name})" in report
     res = json.loads((out / "results.json").read_text())
+    claims = [c["claim"][:2] for c in res["analysis"]["claims"]]
+    assert claims == ["1.", "2.", "3.", "4.", "5.", "6."]
+    verdicts = report.split("## Verdicts\n\n")[1].split("\n\n")[0]
+    for c in res["analysis"]["claims"]:  # one verdict line per claim, computed
+        assert sum(line.startswith(f"| {c['claim']} |") for line in verdicts.splitlines()) == 1
+        assert isinstance(c["pass"], bool)
     labels = [r["label"] for r in res["analysis"]["rows"]]
-    assert {"grpo", "clip_higher", "clip_cov", "kl_cov", "kl_cov_ctrl"} <= set(labels)
-    summary = report.split("## Summary\n\n")[1].split("\n\n")[0]  # the summary table
-    for label in labels:  # one summary-table row per run
+    summary = report.split("## Runs\n\n")[1].split("\n\n")[0]
+    for label in labels:
         assert sum(line.startswith(f"| {label} |") for line in summary.splitlines()) == 1
-    for section in ("## Targets", "## Summary", "## R-H fit (GRPO)", "Command: `covrl experiment entropy"):
-        assert section in report
-    assert "Pearson" in report and "ceiling" in report and "by time scale" in report
-    ctl = next(r for r in res["result"]["runs"] if r["method"] == "kl_cov_ctrl")
-    assert len(ctl["log"]["knob"]) == 4 and all(v is not None for v in ctl["log"]["knob"])  # logged every step
+    rh = [r for r in res["result"]["runs"] if r["claim"] == "rh"]
+    assert len(rh) == 2 and len(rh[0]["log"]["val"]) == 6 // 2 + 1  # every 2 steps, and after the last
+    ctl = next(r for r in res["result"]["runs"] if r["claim"] == "controller")
     assert len(ctl["controller"]["history"]) == 4
-    assert res["analysis"]["fit"]["n"] == 4
-    if res["result"]["global_selection_supported"]:
-        assert {"clip_cov (global sel.)", "kl_cov (global sel.)"} <= set(labels)
-        assert "| kl_cov | global |" in report
+    assert all(h["observed_delta"] is not None for h in ctl["controller"]["history"])  # same-batch fed
+    # --reanalyse rewrites the report from the stored run, without training
+    (out / "report.md").unlink()
+    assert E.main(["--out", str(out), "--reanalyse"]) == 0
+    again = (out / "report.md").read_text()
+    assert again.split("## Verdicts")[1].split("## Runs")[0] == report.split("## Verdicts")[1].split("## Runs")[0]
+    assert "--reanalyse" in again.splitlines()[2]
 
 
 def test_bad_config_is_a_clear_error(capsys):
-    assert E.main(["--methods", "grpo,ppo2", "--out", os.devnull]) == 2
-    assert "methods" in capsys.readouterr().err
+    assert E.main(["--seeds", "0,0", "--out", os.devnull]) == 2
+    assert "seeds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kl_coefs"):
+        E.Config(kl_coefs="1,-3").validate()
     with pytest.raises(ValueError, match="group_size"):
         E.Config(group_size=1).validate()
     with pytest.raises(ValueError, match="minibatches"):

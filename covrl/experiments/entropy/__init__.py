@@ -54,14 +54,25 @@ Modules:
 from covrl.experiments.entropy.analysis import BLOCKS, END_WINDOW, analyse
 from covrl.experiments.entropy.cli import build_parser, main
 from covrl.experiments.entropy.config import METHODS, Config
-from covrl.experiments.entropy.model import Block, TinyLM, build_model, response_logprob_entropy, sample, sft
+from covrl.experiments.entropy.model import (
+    Block,
+    TinyLM,
+    build_model,
+    exact_accuracy,
+    response_logprob_entropy,
+    sample,
+    sft,
+    state_logprobs,
+)
 from covrl.experiments.entropy.report import FIGURES, summary_rows, write_figures, write_report
-from covrl.experiments.entropy.run import group_advantages, run_all, run_method
+from covrl.experiments.entropy.run import group_advantages, run_all, run_method, run_specs
 from covrl.experiments.entropy.task import BOS, DIGIT0, EOS, PAD, SEP, VOCAB, DigitSum
+from covrl.experiments.entropy.theory import lemma1_states, tabular
 
 __all__ = [
     "BLOCKS", "BOS", "DIGIT0", "END_WINDOW", "EOS", "FIGURES", "METHODS", "PAD", "SEP", "VOCAB",
     "Block", "Config", "DigitSum", "TinyLM",
-    "analyse", "build_model", "build_parser", "group_advantages", "main", "response_logprob_entropy",
-    "run_all", "run_method", "sample", "sft", "summary_rows", "write_figures", "write_report",
+    "analyse", "build_model", "build_parser", "exact_accuracy", "group_advantages", "lemma1_states", "main",
+    "response_logprob_entropy", "run_all", "run_method", "run_specs", "sample", "sft", "state_logprobs",
+    "summary_rows", "tabular", "write_figures", "write_report",
 ]

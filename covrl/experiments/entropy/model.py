@@ -45,18 +45,19 @@ class TinyLM(nn.Module):
         return self.head(self.ln(x))
 
 
-def build_model(cfg: Config, task: DigitSum) -> TinyLM:
-    torch.manual_seed(cfg.seed)
+def build_model(cfg: Config, task: DigitSum, seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
     return TinyLM(VOCAB, cfg.d_model, cfg.n_layers, cfg.n_heads, task.prompt_len + task.response_len)
 
 
-def sft(cfg: Config, task: DigitSum) -> dict:
-    """Supervised warm-up on random valid answers; returns the model's state dict."""
-    model = build_model(cfg, task)
+def sft(cfg: Config, task: DigitSum, seed: int = 0, steps: int | None = None) -> dict:
+    """Supervised warm-up (``steps``, default ``cfg.sft_steps``) on random valid answers of the
+    training targets; returns the model's state dict."""
+    model = build_model(cfg, task, seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.sft_lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     p = task.prompt_len
-    for _ in range(cfg.sft_steps):
+    for _ in range(cfg.sft_steps if steps is None else steps):
         ids = task.sft_batch(cfg.sft_batch, g)
         logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits[:, p - 1:].reshape(-1, VOCAB), ids[:, p:].reshape(-1))
@@ -92,3 +93,22 @@ def response_logprob_entropy(model, prompts, responses):
     ids = torch.cat([prompts, responses], dim=1)
     logits = model(ids[:, :-1])[:, prompts.shape[1] - 1:]  # [B, R, V]
     return covrl.logprob_entropy(logits, responses)
+
+
+@torch.no_grad()
+def state_logprobs(model, states: list[torch.Tensor]) -> torch.Tensor:
+    """Full next-token log-softmax at the last position of every state: ``[S, V]`` (float64)."""
+    return torch.cat([torch.log_softmax(model(ids)[:, -1].double(), -1) for ids in states])
+
+
+@torch.no_grad()
+def exact_accuracy(model, task: DigitSum, targets: list[int]) -> float:
+    """Expected accuracy of temperature-1 sampling, exactly: ``mean_N sum_{correct y} pi(y | N)``
+    (one forward over every correct response of every ``N``; no sampling noise)."""
+    accs = []
+    for n in targets:
+        resp = task.answer_tokens(n)  # [n_N, K + 1]
+        prompts = task.prompts(torch.full((len(resp),), n))
+        lp, _ = response_logprob_entropy(model, prompts, resp)
+        accs.append(float(lp.double().sum(1).exp().sum()))
+    return sum(accs) / len(accs)
