@@ -32,13 +32,16 @@ lint: install
 # The main job: fetch SmolLM2-135M-Instruct once (cached), start the rollout, reward and
 # learner services as separate processes on loopback, run GRPO + KL-Cov on the arithmetic
 # task, write runs/demo/ (metrics, plots, final checkpoint), print a summary, then
-# evaluate the final checkpoint on the held-out split. DEMO_ARGS adds config overrides.
+# evaluate the untrained model and the final checkpoint on the same held-out prompts.
+# A previous runs/demo is kept as runs/demo.prev (the one before that is deleted).
+# DEMO_ARGS adds config overrides.
 DEMO_ARGS ?=
 demo: install
 	$(VPY) -m covrl.cli demo-model
-	rm -rf runs/demo
+	@if [ -d runs/demo ]; then rm -rf runs/demo.prev && mv runs/demo runs/demo.prev && \
+		echo "[covrl] kept the previous run as runs/demo.prev"; fi
 	$(VPY) -m covrl.cli train --config configs/demo.yaml $(DEMO_ARGS)
-	$(VPY) -m covrl.cli eval --checkpoint runs/demo
+	$(VPY) -m covrl.cli eval --checkpoint runs/demo --compare-untrained
 
 # Compile-check every CUDA source against torch's headers (works with the CPU
 # torch wheel, which ships the ATen/c10 CUDA headers; links only on a GPU host).

@@ -24,6 +24,10 @@ def _train(args) -> int:
         print(describe())
         return 0
     config = args.config
+    if not config and not args.resume:
+        print("covrl train: no --config given: training with the built-in defaults (see --help-config; "
+              "e.g. 20 steps of the arithmetic task into runs/default unless overridden). For the demo: "
+              "covrl train --config configs/demo.yaml", file=sys.stderr, flush=True)
     if args.resume and not config:
         config = os.path.join(args.resume, "config.yaml")
         if not os.path.exists(config):
@@ -34,13 +38,21 @@ def _train(args) -> int:
     except ConfigError as e:
         print(f"covrl train: config error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg, resume_dir=args.resume)
+    from covrl.data import DataError
+
+    try:
+        summary = train(cfg, resume_dir=args.resume)
+    except (ConfigError, DataError) as e:  # found once the run starts (model directory, data files)
+        print(f"covrl train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
+        return 2
+    plots: list[str] = []
     try:
         from covrl.plot import plot_run
 
-        plot_run(summary["run_dir"])
+        plots = plot_run(summary["run_dir"])
     except Exception as e:  # noqa: BLE001 - plots are a convenience, the run is done
         print(f"covrl train: plotting failed: {e}", file=sys.stderr)
+    summary["plots"] = plots
     print(format_summary(summary))
     return 0
 
@@ -72,16 +84,36 @@ def _plot(args) -> int:
 
 def _eval(args) -> int:
     from covrl.config import ConfigError, load_config
+    from covrl.data import DataError
     from covrl.trainer import evaluate_checkpoint
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = evaluate_checkpoint(cfg, args.checkpoint)
-    except (ConfigError, FileNotFoundError) as e:
+        result = evaluate_checkpoint(cfg, args.checkpoint, compare_untrained=args.compare_untrained)
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"covrl eval: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if args.compare_untrained:
+        print(format_comparison(result, args.checkpoint))
+    else:
+        print(json.dumps(result, indent=2))
     return 0
+
+
+def format_comparison(result: dict, checkpoint: str) -> str:
+    """The untrained model beside the trained checkpoint, then where the run's outputs are."""
+    before = result.get("untrained", {})
+    keys = [k for k in result if k.startswith("pass@")]
+    lines = [f"held-out eval ({result.get('n_prompts', '?')} prompts, same prompts and seeds)",
+             f"{'':<10}{'untrained':>12}{'trained':>12}"]
+    lines += [f"{k:<10}{before.get(k, float('nan')):>12.3f}{result[k]:>12.3f}" for k in keys]
+    run = os.path.abspath(checkpoint)
+    if os.path.isdir(os.path.join(run, "plots")):
+        lines.append(f"plots:      {os.path.join(run, 'plots')}")
+    lines.append(f"checkpoint: {result.get('checkpoint')}")
+    if os.path.isdir(os.path.join(run, "tb")):
+        lines.append(f"tensorboard: tensorboard --logdir {os.path.join(run, 'tb')}")
+    return "\n".join(lines)
 
 
 def _experiment(args, rest: list[str]) -> int:
@@ -130,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True,
                    help="a run directory (its latest checkpoint), a run checkpoint directory or an HF model directory")
     e.add_argument("--config", help="YAML config (data/eval settings); default: the run's config.yaml if found")
+    e.add_argument("--compare-untrained", action="store_true",
+                   help="also evaluate the untrained model (model.path) on the same prompts; print both")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(fn=_eval)
 
@@ -144,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # covrl's own deprecations (renamed config keys) are shown; Python hides DeprecationWarning by default.
+    warnings.filterwarnings("default", category=DeprecationWarning, message="covrl:")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:1] == ["experiment"]:

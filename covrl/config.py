@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,11 +120,12 @@ class AlgoConfig:
     allow_large_fraction: bool = _f(False, "accept clip_cov_fraction / kl_cov_fraction above 0.05 "
                                     "(otherwise they are rejected as a likely percent)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (0: off)", ge=0.0)
-    high_entropy_fraction: float = _f(0.0, "train only on this top fraction of tokens by entropy "
-                                      "(0.2 = the '80/20' recipe; 0: all tokens)", ge=0.0, le=1.0)
+    entropy_top_quantile: float = _f(0.0, "train only on this top fraction of tokens by entropy "
+                                     "(0.2 = the '80/20' recipe; 0: all tokens)", ge=0.0, le=1.0)
     max_staleness: int = _f(0, "0: synchronous; 1: generate the next batch while training (off-policy "
                             "by one version, corrected by truncated importance sampling)", ge=0, le=1)
-    is_truncation: float = _f(2.0, "truncated IS: cap on pi_learner / pi_behaviour per token", gt=0.0)
+    tis_cap: float = _f(2.0, "truncated IS: cap on pi_old / pi_behaviour per token, applied when "
+                        "off-policy (max_staleness > 0 or learner.recompute_old_logprobs)", gt=0.0)
     entropy_target: float | None = _f(None, "if set: a controller adjusts the entropy knob to hold "
                                          "policy entropy (nats/token) near this value", gt=0.0)
     entropy_tolerance: float = _f(0.2, "controller dead band, relative to entropy_target (0.2 = +-20%)",
@@ -136,10 +138,10 @@ class AlgoConfig:
 class LearnerConfig:
     lr: float = _f(1e-6, "AdamW learning rate", gt=0.0, lt=1.0)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    beta1: float = _f(0.9, "AdamW beta1", ge=0.0, lt=1.0)
-    beta2: float = _f(0.999, "AdamW beta2", ge=0.0, lt=1.0)
-    grad_clip: float = _f(1.0, "global gradient-norm clip (0: off)", ge=0.0)
-    epochs: int = _f(1, "passes over each batch (PPO epochs)", ge=1)
+    adam_beta1: float = _f(0.9, "AdamW beta1", ge=0.0, lt=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2", ge=0.0, lt=1.0)
+    max_grad_norm: float = _f(1.0, "global gradient-norm clip (0: off)", ge=0.0)
+    ppo_epochs: int = _f(1, "passes over each batch (PPO epochs)", ge=1)
     mini_batch_size: int = _f(0, "samples per optimiser step (0: the whole batch)", ge=0)
     micro_batch_size: int = _f(8, "samples per forward/backward (gradient accumulation)", ge=1)
     recompute_old_logprobs: bool = _f(False, "recompute pi_old on the learner instead of trusting the "
@@ -157,9 +159,10 @@ class ServicesConfig:
     tls_cert: str = _f("", "client certificate PEM for mutual TLS (optional)")
     tls_key: str = _f("", "client key PEM for mutual TLS (optional)")
     token_env: str = _f("COVRL_TOKEN", "environment variable holding the shared token sent as call metadata")
-    connect_timeout_s: float = _f(600.0, "how long to wait for a service to come up, seconds "
-                                  "(retries with backoff and says why)", gt=0.0)
-    start_timeout_s: float = _f(300.0, "how long a locally started service may take to start", gt=0.0)
+    connect_timeout_s: float = _f(60.0, "how long to wait for a remote service (given by address) to "
+                                  "answer, seconds; then fail naming it", gt=0.0)
+    start_timeout_s: float = _f(300.0, "how long a locally started service may take to start (load its "
+                                "model), seconds; then fail with its log's tail", gt=0.0)
     threads: int = _f(0, "torch threads per local service process (0: torch's default, or half the cores each when max_staleness > 0)", ge=0)
     local_device: str = _f("auto", "device of locally started rollout/learner services: 'auto' (cuda "
                            "when available) or 'cpu'", choices=("auto", "cpu"))
@@ -286,9 +289,42 @@ def _coerce(value, tp, name: str):
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls, data: dict, prefix: str):
+# Old names accepted for one release (covrl 0.2 -> 0.3), with a DeprecationWarning: the
+# trainer now uses the learner's names (one name per concept, docs/trainer.md).
+RENAMED = {
+    "learner.grad_clip": "learner.max_grad_norm",
+    "learner.epochs": "learner.ppo_epochs",
+    "learner.beta1": "learner.adam_beta1",
+    "learner.beta2": "learner.adam_beta2",
+    "algo.is_truncation": "algo.tis_cap",
+    "algo.high_entropy_fraction": "algo.entropy_top_quantile",
+}
+
+
+def _rename_deprecated(data: dict, prefix: str) -> dict:
+    import warnings
+
+    for old, new in RENAMED.items():
+        sec, _, key = old.rpartition(".")
+        if prefix != sec + "." or key not in data:
+            continue
+        new_key = new.rpartition(".")[2]
+        if new_key in data:
+            raise ConfigError(f"{old} and {new} are both given; {old} is the old name of {new}: keep only {new}")
+        warnings.warn(f"covrl: config key {old} is deprecated, use {new} (the old name stops working in "
+                      f"the next release)", DeprecationWarning, stacklevel=4)
+        data = {(new_key if k == key else k): v for k, v in data.items()}
+    return data
+
+
+class _OverrideError(ConfigError):
+    """A ConfigError caused by a command-line override (not by the YAML file)."""
+
+
+def _build(cls, data: dict, prefix: str, overridden: frozenset = frozenset()):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    data = _rename_deprecated(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -300,29 +336,39 @@ def _build(cls, data: dict, prefix: str):
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             msgs.append(f"{prefix}{k}{hint}")
-        raise ConfigError(f"unknown config key(s): {', '.join(msgs)}; "
-                          f"valid keys under '{prefix.rstrip('.') or '<top>'}': {', '.join(fields)}")
+        err = _OverrideError if any(f"{prefix}{k}" in overridden for k in unknown) else ConfigError
+        raise err(f"unknown config key(s): {', '.join(msgs)}; "
+                  f"valid keys under '{prefix.rstrip('.') or '<top>'}': {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         tp = hints[name]
         full = prefix + name
         if _is_dc(tp):
-            kwargs[name] = _build(tp, data.get(name, {}) or {}, full + ".")
+            kwargs[name] = _build(tp, data.get(name, {}) or {}, full + ".", overridden)
             continue
         if name not in data:
             continue
-        value = _coerce(data[name], tp, full)
-        meta = f.metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{full}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                                  ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-                bound = meta.get(key)
-                if bound is not None and not ok(value, bound):
-                    raise ConfigError(f"{full}: expected a value {word} {bound}, got {value!r}")
-        kwargs[name] = value
+        try:
+            kwargs[name] = _check_field(data[name], tp, full, f.metadata)
+        except ConfigError as e:
+            if full in overridden:
+                raise _OverrideError(str(e)) from None
+            raise
     return cls(**kwargs)
+
+
+def _check_field(raw, tp, full: str, meta):
+    """``raw`` checked against the field's type, choices and bounds."""
+    value = _coerce(raw, tp, full)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{full}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            bound = meta.get(key)
+            if bound is not None and not ok(value, bound):
+                raise ConfigError(f"{full}: expected a value {word} {bound}, got {value!r}")
+    return value
 
 
 def _check_semantics(cfg: TrainConfig) -> None:
@@ -345,6 +391,13 @@ def _check_semantics(cfg: TrainConfig) -> None:
                           f"(group baselines need at least two samples), got {cfg.rollout.n_samples}")
     if cfg.data.task == "file" and not cfg.data.train_path:
         raise ConfigError("data.train_path: required when data.task=file")
+    for name in ("train_path", "eval_path"):
+        path = getattr(cfg.data, name)
+        if cfg.data.task != "file" and path:
+            raise ConfigError(f"data.{name} is set but data.task={cfg.data.task} generates its problems and "
+                              f"reads no file: add data.task=file, or drop data.{name}")
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"data.{name}: file not found: {path}")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
     if cfg.learner.mini_batch_size and cfg.learner.mini_batch_size > batch:
         raise ConfigError(f"learner.mini_batch_size ({cfg.learner.mini_batch_size}) exceeds the batch "
@@ -360,11 +413,11 @@ def _check_semantics(cfg: TrainConfig) -> None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"algo.kl_cov_fraction=2e-4"`` -> ``(["algo", "kl_cov_fraction"], 0.0002)``."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. algo.kl_cov_fraction=2e-4")
+        raise _OverrideError(f"override {item!r}: expected key=value, e.g. algo.kl_cov_fraction=2e-4")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {item!r}: bad key {key!r}")
+        raise _OverrideError(f"override {item!r}: bad key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -380,16 +433,24 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise _OverrideError(f"override {item!r}: {part} is not a section")
             node = nxt
         node[path[-1]] = value
     return data
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> TrainConfig:
-    data = merge_overrides(data or {}, list(overrides or []))
-    cfg = _build(TrainConfig, data, "")
-    _check_semantics(cfg)
+    overrides = list(overrides or [])
+    data = merge_overrides(data or {}, overrides)
+    overridden = {".".join(parse_override(o)[0]) for o in overrides}
+    overridden |= {RENAMED[k] for k in overridden if k in RENAMED}
+    cfg = _build(TrainConfig, data, "", frozenset(overridden))
+    try:
+        _check_semantics(cfg)
+    except ConfigError as e:
+        if any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in overridden):
+            raise _OverrideError(str(e)) from None  # it names a key given on the command line
+        raise
     return cfg
 
 
@@ -408,6 +469,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return config_from_dict(data, overrides)
+    except _OverrideError as e:  # the typo is on the command line, not in the file
+        raise ConfigError(f"command-line override: {e}") from None
     except ConfigError as e:
         if path:
             raise ConfigError(f"{path}: {e}") from None

@@ -241,6 +241,11 @@ def build_dataset(cfg: DataConfig, reward_task: str) -> Dataset:
     if cfg.task != "file":
         train, held = synthetic(cfg)
         return Dataset(train=train, eval=held)
+    for key in ("train_path", "eval_path"):
+        path = getattr(cfg, key)
+        if path and not os.path.isfile(path):
+            raise DataError(f"data.{key}: file not found: {path}" + ("" if os.path.isabs(path) else
+                                                                     f" (relative to {os.getcwd()})"))
     train, skipped, reasons = load_file(cfg.train_path, cfg, reward_task)
     if cfg.eval_path:
         held, s2, r2 = load_file(cfg.eval_path, cfg, reward_task)

@@ -89,8 +89,46 @@ class MetricsLogger:
             except ImportError:
                 self._bar = None
         self._plain_progress = progress and self._bar is None
+        if progress:
+            self.write("[covrl] progress: reward = mean reward of the step's samples, H = policy entropy "
+                       "(nats/token), cov = Cov(log pi, A), t = wall seconds of the last step")
+        self._last_log = time.monotonic()
+        self._stage_fn = None
+        self._watch_stop = None
+        self._watch_s = 30.0
+
+    def watch(self, stage_fn, every_s: float = 30.0) -> None:
+        """Say what the run is doing when a phase runs long: every ``every_s`` seconds without a
+        logged step, one line naming ``stage_fn()`` (generate, score, train, eval, ...) and the time."""
+        import threading
+
+        self._stage_fn, self._watch_s = stage_fn, every_s
+        self._watch_stop = threading.Event()
+        threading.Thread(target=self._watch_loop, name="covrl-progress", daemon=True).start()
+
+    def _watch_loop(self) -> None:
+        last_note = time.monotonic()
+        while not self._watch_stop.wait(1.0):
+            now = time.monotonic()
+            if now - max(self._last_log, last_note) < self._watch_s:
+                continue
+            last_note = now
+            try:
+                stage = self._stage_fn()
+            except Exception:  # noqa: BLE001 - a progress note must never fail the run
+                stage = "?"
+            if stage in (None, "between"):
+                continue
+            step = self._steps_done + self.start_step + 1
+            first = " (the first step also warms up the model)" if self._steps_done == 0 else ""
+            self.write(f"[covrl] step {step}/{self.total_steps}: {stage} running, "
+                       f"{now - self._last_log:.0f}s since the last step{first}")
+
+    _steps_done = 0
 
     def log(self, step: int, metrics: dict) -> None:
+        self._steps_done += 1
+        self._last_log = time.monotonic()
         rec = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
@@ -119,7 +157,7 @@ class MetricsLogger:
     def _progress(self, step: int, rec: dict) -> None:
         summary = {"reward": rec.get("reward/mean"), "H": rec.get("actor/entropy"),
                    "cov": rec.get("actor/cov"), "t": rec.get("time/step_s")}
-        text = " ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if v is not None)
+        text = " ".join(f"{k}={_fmt(v)}{'s' if k == 't' else ''}" for k, v in summary.items() if v is not None)
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(1)
@@ -133,6 +171,8 @@ class MetricsLogger:
             self._bar.write(f"step {step}: {text}", file=sys.stderr)
 
     def close(self) -> None:
+        if self._watch_stop is not None:
+            self._watch_stop.set()
         self._f.close()
         if self._tb is not None:
             self._tb.close()

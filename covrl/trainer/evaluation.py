@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 
@@ -27,7 +28,10 @@ def evaluate(tr, step: int) -> dict:
     if not examples:
         return {}
     t0 = time.monotonic()
+    print(f"[covrl] eval: generating {e.k} samples for each of {len(examples)} held-out prompts "
+          f"({len(examples) * e.k} completions) ...", file=sys.stderr, flush=True)
     batch = tr.generate(examples, step, n=e.k, temperature=e.temperature, salt=1)
+    print(f"[covrl] eval: generated in {time.monotonic() - t0:.0f}s; scoring", file=sys.stderr, flush=True)
     tr.score(batch.rollouts)
     groups: dict[str, list[bool]] = {}
     for ro in batch.rollouts:

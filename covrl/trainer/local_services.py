@@ -38,13 +38,13 @@ def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from
     off_policy = bool(lr.recompute_old_logprobs or a.max_staleness > 0)
     learner = dict(
         model=model_path, dtype=cfg.model.dtype, device="cpu" if cfg.services.local_device == "cpu" else "auto",
-        lr=lr.lr, weight_decay=lr.weight_decay, adam_beta1=lr.beta1, adam_beta2=lr.beta2,
-        max_grad_norm=lr.grad_clip, micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size,
-        ppo_epochs=lr.epochs, seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg,
+        lr=lr.lr, weight_decay=lr.weight_decay, adam_beta1=lr.adam_beta1, adam_beta2=lr.adam_beta2,
+        max_grad_norm=lr.max_grad_norm, micro_batch_size=lr.micro_batch_size, mini_batch_size=lr.mini_batch_size,
+        ppo_epochs=lr.ppo_epochs, seed=cfg.seed, advantage=a.advantage, loss_mode=a.loss_mode, agg=a.agg,
         clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, clip_cov_fraction=a.clip_cov_fraction,
         clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_fraction=a.kl_cov_fraction,
-        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.high_entropy_fraction,
-        recompute_old_logprobs=off_policy, tis_cap=a.is_truncation if off_policy else 0.0,
+        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.entropy_top_quantile,
+        recompute_old_logprobs=off_policy, tis_cap=a.tis_cap if off_policy else 0.0,
         temperature=cfg.rollout.temperature,
     )
     learner_cfg = {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints")}
@@ -158,25 +158,41 @@ class Clients:
             c.close()
 
 
+def log_tail(path: str | None, n_lines: int = 20) -> str:
+    """The last ``n_lines`` of a service log ('' when there is none)."""
+    if not path:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n_lines:])
+    except OSError:
+        return ""
+
+
 def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, alive=None,
-               report=_log) -> None:
+               report=_log, log_path: str | None = None, starting: bool | None = None) -> None:
     """Block until ``address`` answers the standard health check as SERVING.
 
-    Retries with exponential backoff (0.5 s doubling to 10 s) and says why it waits;
-    raises TimeoutError after ``timeout_s``. ``alive()`` may return a reason to give up
+    A service that is still starting (``starting``, default: a local one, i.e. ``alive``
+    given) is reported as "starting ..." (a connection refused then is normal, and not
+    shown) every 30 s until ``timeout_s``, its start-up deadline. A remote one is
+    "connecting ...", with the last error once it has taken over 5 s. After ``timeout_s``
+    raise TimeoutError naming the address, the last error and the tail of ``log_path``.
+    Polls with backoff (0.5 s doubling to 5 s). ``alive()`` may return a reason to give up
     early (a local service that exited).
     """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    starting = alive is not None if starting is None else starting
     stub = health_pb2_grpc.HealthStub(channel)
     t0 = time.monotonic()
-    delay, last_reason, last_report = 0.5, None, 0.0
+    delay, reason, last_report, said_error = 0.5, None, None, False
+    report(f"{'starting' if starting else 'connecting to'} the {name} service at {address} ...")
     while True:
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                if last_reason is not None:
-                    report(f"{name} service at {address} is up after {time.monotonic() - t0:.1f}s")
+                report(f"{name} service at {address} is up ({time.monotonic() - t0:.1f}s)")
                 return
             reason = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
         except grpc.RpcError as e:
@@ -185,15 +201,23 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
             dead = alive()
             if dead:
                 raise RuntimeError(dead)
-        waited = time.monotonic() - t0
-        if waited > timeout_s:
-            raise TimeoutError(f"{name} service at {address} not ready after {waited:.0f}s "
-                               f"(services.connect_timeout_s={timeout_s:g}); last error: {reason}")
         now = time.monotonic()
-        if reason != last_reason or now - last_report > 30:
-            report(f"waiting for the {name} service at {address} ({reason}); retrying with backoff "
-                   f"(next in {delay:.1f}s, giving up after {timeout_s:g}s)")
-            last_reason, last_report = reason, now
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
-
+        waited = now - t0
+        if waited > timeout_s:
+            tail = log_tail(log_path)
+            key = "services.start_timeout_s" if starting else "services.connect_timeout_s"
+            raise TimeoutError(
+                f"the {name} service at {address} did not come up within {timeout_s:g}s ({key}); last error: "
+                f"{reason}" + (f"; its log ({log_path}) ends with:\n{tail}" if tail else
+                               "; check that it runs there and that the address and port are right"))
+        if last_report is None or now - last_report > 30:
+            if last_report is not None:
+                report(f"still {'starting' if starting else 'waiting for'} the {name} service at {address} "
+                       f"({waited:.0f}s of {timeout_s:g}s)")
+            last_report = now
+        if not starting and waited > 5 and not said_error:
+            report(f"the {name} service at {address} does not answer yet ({reason}); retrying until "
+                   f"{timeout_s:g}s (services.connect_timeout_s)")
+            said_error = True
+        time.sleep(min(delay, max(0.05, timeout_s - waited + 0.05)))
+        delay = min(delay * 2, 5.0)
