@@ -1,53 +1,52 @@
-"""The entropy-mechanism study: ``covrl experiment entropy [--steps N --seed S --out DIR]``.
+"""The entropy-mechanism study: ``covrl experiment entropy [--seeds 0,1,2 --out DIR]``.
 
-Reproduces, in minutes on 2 CPU cores, the four claims of Cui et al. 2025 ("The Entropy
-Mechanism of RL for Reasoning LMs") and tests an entropy controller on top:
+Checks, in minutes on 2 CPU cores, each claim of Cui et al. 2025 ("The Entropy Mechanism of
+RL for Reasoning LMs", arXiv 2505.22617) in the paper's own terms, one verdict each:
 
-1. under GRPO the policy entropy collapses early;
-2. the reward then follows ``R = -a * exp(H) + b`` (ceiling ``-a + b``);
-3. ``Cov(log pi, A)`` tracks the entropy change;
-4. Clip-Cov and KL-Cov keep entropy up without hurting reward;
-5. (beyond the paper) KL-Cov + :class:`covrl.diagnostics.EntropyController` holds entropy at a
-   chosen target.
+1. Theorems 1 / 2 on a tabular softmax: exact ``dH(s)`` vs ``-eta Cov(log pi, pi A)`` (vanilla
+   PG) and ``-eta Cov(log pi, A)`` (natural PG) (:mod:`~covrl.experiments.entropy.theory`);
+2. Lemma 1 on the transformer: exact ``dH(s)`` at every probe state vs ``-Cov(log pi, dz)``;
+3. Figure 8: on-policy GRPO (one update per batch: the surrogate's gradient is the plain PG),
+   per-prompt group covariance of (length-normalised log-prob, A) vs the same-batch ``dH``;
+4. Figure 12: final entropy against ``kl_coef`` and the Clip-Cov fraction (dose series);
+5. collapse: GRPO's entropy loss; KL-Cov / Clip-Cov against GRPO and against the task's
+   maximum entropy at the reward reached (:meth:`DigitSum.max_entropy_per_token`);
+6. ``R = -a exp(H) + b`` on held-out exact accuracy (a harder task, every m-th ``N`` held out).
 
-Setup (why it is built this way, and what came out, is in docs/entropy_study.md):
+Plus (beyond the paper) KL-Cov + :class:`covrl.diagnostics.EntropyController` on the first seed.
 
-* **Task** ``digit-sum``: the prompt is a number ``N``; a correct response is ``K`` digits 1–9
-  that sum to ``N``, then EOS. Verifiable (reward 1 / 0) and deliberately diverse: most ``N``
-  have tens of valid answers, so a policy can be right *and* uncertain, which is the setting
-  where entropy collapse is a loss (diversity) rather than a gain (fewer mistakes).
-* **Model**: a tiny pre-LN causal transformer in plain PyTorch (no HF overhead on CPU).
-* **SFT warm-up**: cross-entropy on uniformly random valid answers, for a short budget, so
-  the starting policy has high entropy and makes mistakes (the last digit needs arithmetic).
-* **RL**: per step, ``prompts_per_step`` prompts × ``group_size`` samples at temperature 1;
-  GRPO group-normalised advantages (``covrl.advantages``, estimator ``grpo``); the rollout batch is
-  split into ``minibatches`` optimiser steps (so later ones are off-policy and PPO clipping /
-  the KL-Cov penalty act), each accumulated over ``micro_batches``. Every loss is
-  :func:`covrl.policy_loss` (token-mean): ``ppo`` for GRPO and Clip-Higher, ``clip_cov``,
-  ``kl_cov``. Same seed, same prompts per step and same budget for every method.
-* **Selection scope**: ``micro`` (each ``policy_loss`` call selects within its micro-batch, as
-  verl does) or ``global`` (``covrl.compute_selection`` once per mini-batch, sliced per
-  micro-batch with ``.rows``); the other scope is also run for Clip-Cov and KL-Cov.
+Setup (why it is built this way, and what came out: docs/entropy_study.md):
 
-Deviations from the paper's recipe, on purpose: the selection fractions are 100x the paper's
-2e-4 (a mini-batch here has ~500 response tokens, where 2e-4 rounds to one token); no KL to a
-reference policy and no entropy bonus (as in the paper's runs); a toy task and model instead of
-Qwen2.5 on math.
+* **Task** ``digit-sum``: the prompt is a number ``N``; a correct response is ``K`` digits 1-9
+  that sum to ``N``, then EOS. Verifiable and diverse: most ``N`` have tens of valid answers.
+* **Model**: a tiny pre-LN causal transformer in plain PyTorch; an SFT warm-up per seed on
+  uniformly random valid answers (training ``N`` only).
+* **RL**: per step ``prompts_per_step`` prompts x ``group_size`` samples at temperature 1; GRPO
+  advantages (``covrl.advantages``); ``minibatches`` Adam steps per batch, each accumulated over
+  ``micro_batches``; every loss is :func:`covrl.policy_loss` (token-mean): ``ppo`` for GRPO,
+  ``clip_cov`` with the reference recipe's PPO clip 1/1, ``kl_cov``. Per seed, every run has
+  the same SFT weights, prompts and sampling stream at each step.
+* Every run logs the learner's live same-batch diagnostics
+  (:func:`covrl.learner.diagnostics.same_batch_metrics`): the exact entropy change of the step's
+  own tokens and its Lemma-1 and ``-eta Cov`` predictions.
 
-Per step we log: reward, exact token-mean entropy over the response tokens (from the logits,
-:func:`covrl.logprob_entropy`) of the batch before the update and of the same batch after it,
-the batch ``Cov(log pi, A)`` (the ``policy_loss`` metric ``"cov"``, one no-grad call on the whole
-rollout batch before the update), clip / selection fractions, KL, and the controller output.
+Deviations from the paper's recipe, on purpose: selection fractions far above the paper's
+(2e-3 for KL-Cov at 7B, 2e-4 for KL-Cov at 32B and for Clip-Cov), because a mini-batch here has
+~500 response tokens; no KL to a reference policy and no entropy bonus (as in the paper's runs);
+a toy task and model instead of Qwen2.5 on math.
 
 Modules:
 
 - :mod:`~covrl.experiments.entropy.config`: :class:`Config` (every flag) and the :data:`METHODS` table.
-- :mod:`~covrl.experiments.entropy.task`: the ``digit-sum`` task: tokens, prompts, SFT data, reward.
-- :mod:`~covrl.experiments.entropy.model`: the tiny transformer, SFT warm-up, sampling, log-prob / entropy.
-- :mod:`~covrl.experiments.entropy.run`: the RL loop per method and the whole run (SFT, then every method).
-- :mod:`~covrl.experiments.entropy.analysis`: per-run numbers, the R–H fit, the targets.
+- :mod:`~covrl.experiments.entropy.task`: ``digit-sum``: tokens, prompts, held-out split, SFT data,
+  reward, probe states, max entropy at a reward.
+- :mod:`~covrl.experiments.entropy.model`: the tiny transformer, SFT, sampling, log-prob / entropy,
+  full next-token distributions, exact accuracy.
+- :mod:`~covrl.experiments.entropy.theory`: claims 1 and 2, exactly.
+- :mod:`~covrl.experiments.entropy.run`: the RL loop, the run list (:func:`run_specs`), the whole study.
+- :mod:`~covrl.experiments.entropy.analysis`: per-run numbers and one verdict per claim.
 - :mod:`~covrl.experiments.entropy.report`: the figures and ``report.md``.
-- :mod:`~covrl.experiments.entropy.cli`: ``build_parser`` and ``main`` (run, analyse, write the artefacts).
+- :mod:`~covrl.experiments.entropy.cli`: ``build_parser`` and ``main`` (run or ``--reanalyse``, write the artefacts).
 - ``__main__``: ``python -m covrl.experiments.entropy``, the same as ``covrl experiment entropy``.
 """
 
