@@ -163,3 +163,35 @@ def test_bad_config_is_a_clear_error(capsys):
         E.Config(group_size=1).validate()
     with pytest.raises(ValueError, match="minibatches"):
         E.Config(prompts_per_step=3, group_size=3).validate()
+
+
+def _row(claim, seed, h0, h_end, r_end, dose=None):
+    return {"claim": claim, "seed": seed, "dose": dose, "h_start": h0, "h_end": h_end, "h_kept": h_end / h0,
+            "r_end": r_end}
+
+
+def test_collapse_and_dose_verdicts_follow_the_numbers():
+    from covrl.experiments.entropy import analysis as A
+
+    task = E.DigitSum(3, 5, 24)
+    good = [_row("main", s, 1.0, 0.05, 0.95) for s in range(3)]
+    good += [_row("dose_kl", s, 1.0, h, 0.95, d) for s in range(3) for d, h in ((1.0, 0.3), (3.0, 0.4), (10.0, 0.5))]
+    good += [_row("dose_clip", s, 1.0, h, 0.95, d) for s in range(3) for d, h in ((0.005, 0.2), (0.02, 0.3), (0.08, 0.6))]
+    assert A._claim_collapse(good, task)["pass"] and A._claim_dose(good)["pass"]
+    # GRPO keeps 20%: the collapse part fails even though the others keep 6x
+    weak = [dict(r, h_end=0.2, h_kept=0.2) if r["claim"] == "main" else r for r in good]
+    assert not A._claim_collapse(weak, task)["pass"]
+    # a non-monotone dose, or a reward below GRPO's mean - sd, fails the dose claim
+    bumpy = [dict(r, h_end=0.1) if r["claim"] == "dose_kl" and r["dose"] == 3.0 else r for r in good]
+    assert not A._claim_dose(bumpy)["pass"]
+    costly = [dict(r, r_end=0.5) if r["claim"] == "dose_clip" and r["dose"] == 0.08 else r for r in good]
+    assert not A._claim_dose(costly)["pass"]
+    # the max-entropy route: under 5x GRPO's final entropy, but >= 50% of the max at the reward
+    hmax = task.max_entropy_per_token(0.95)
+    grpo = [_row("main", s, 10.0, 0.2, 0.95) for s in range(3)]  # loses 98%
+    kept = [dict(r, h_end=0.6 * hmax) if r["dose"] in (1.0, 0.02) else r for r in good if r["claim"] != "main"]
+    c = A._claim_collapse(grpo + kept, task)
+    assert c["KL-Cov"]["ratio"][0] < 5 and c["KL-Cov"]["frac_of_max"][0] == pytest.approx(0.6)
+    assert c["pass"]
+    less = [dict(r, h_end=0.4 * hmax) if r["dose"] in (1.0, 0.02) else r for r in kept]
+    assert not A._claim_collapse(grpo + less, task)["pass"]
