@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from covrl._proto.v1 import learner_pb2, learner_pb2_grpc, rollout_pb2
+from covrl._proto.v1 import learner_pb2, learner_pb2_grpc
 from covrl.client.channel import ClientError, _Client, _from_proto, _read_bytes
 from covrl.client.rollout import FINISH_TO_PROTO
 from covrl.engines.base import PromptResult, Sample
@@ -15,6 +15,7 @@ from covrl.engines.base import PromptResult, Sample
 __all__ = [
     "CheckpointResult",
     "LearnerClient",
+    "LearnerInfo",
     "MetricsEvent",
     "PushResult",
     "RegisterResult",
@@ -101,6 +102,21 @@ class CheckpointResult:
 
 
 @dataclasses.dataclass
+class LearnerInfo:
+    """What the learner trains (``GetInfo``): tokenize prompts with ``chat_template`` to match it."""
+
+    model: str
+    tokenizer: str
+    chat_template: str
+    vocab_size: int
+    max_model_len_tokens: int
+    weight_version: int
+    step: int
+    dtype: str
+    config: dict
+
+
+@dataclasses.dataclass
 class MetricsEvent:
     step: int
     weight_version: int
@@ -109,6 +125,9 @@ class MetricsEvent:
 
 
 def _trajectory_to_proto(t: Trajectory) -> learner_pb2.Trajectory:
+    if t.finish_reason not in FINISH_TO_PROTO:
+        raise ValueError(f"Trajectory.finish_reason must be one of {', '.join(FINISH_TO_PROTO)} (why sampling "
+                         f"ended: EOS / stop string, or max_new_tokens), got {t.finish_reason!r}")
     return learner_pb2.Trajectory(
         prompt_token_ids=t.prompt_token_ids,
         completion_token_ids=t.completion_token_ids,
@@ -116,7 +135,7 @@ def _trajectory_to_proto(t: Trajectory) -> learner_pb2.Trajectory:
         reward=t.reward,
         weight_version=t.weight_version,
         group_id=t.group_id,
-        finish_reason=FINISH_TO_PROTO.get(t.finish_reason, rollout_pb2.FINISH_REASON_UNSPECIFIED),
+        finish_reason=FINISH_TO_PROTO[t.finish_reason],
     )
 
 
@@ -191,6 +210,13 @@ class LearnerClient(_Client):
     def checkpoint(self, path: str = "", *, timeout_s: float | None = None) -> CheckpointResult:
         resp = self._call("Checkpoint", self.stub.Checkpoint, learner_pb2.CheckpointRequest(path=path), timeout_s)
         return _from_proto(CheckpointResult, resp)
+
+    def get_info(self, *, timeout_s: float | None = None) -> LearnerInfo:
+        """Model, tokenizer, chat template and settings of the learner (``GetInfo``)."""
+        import json
+
+        resp = self._call("GetInfo", self.stub.GetInfo, learner_pb2.GetLearnerInfoRequest(), timeout_s)
+        return _from_proto(LearnerInfo, resp, config=json.loads(resp.config_json or "{}"))
 
     def metrics(self, *, include_history: bool = False, timeout_s: float | None = None) -> Iterator[MetricsEvent]:
         """Stream one MetricsEvent per Train step (``timeout_s`` bounds the whole stream; None = default)."""

@@ -19,6 +19,7 @@ class Trajectory:
     reward: float
     group_id: str = ""
     weight_version: int = 0
+    finish_reason: str = "stop"  # "stop" (EOS / stop string) | "length" (max_new_tokens reached)
 
     @classmethod
     def coerce(cls, t) -> Trajectory:
@@ -36,7 +37,11 @@ class Trajectory:
             prompt_ids=list(t.prompt_ids), completion_ids=list(t.completion_ids),
             logprobs=list(t.logprobs), reward=float(t.reward), group_id=str(t.group_id),
             weight_version=int(getattr(t, "weight_version", 0)),
+            finish_reason=str(getattr(t, "finish_reason", "stop")),
         )
+
+
+FINISH_REASONS = ("stop", "length")
 
 
 def validate_trajectory(t: Trajectory, vocab_size: int, max_len: int | None, where: str) -> None:
@@ -57,6 +62,9 @@ def validate_trajectory(t: Trajectory, vocab_size: int, max_len: int | None, whe
     for i, lp in enumerate(t.logprobs):
         if not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 1e-3:
             raise ValueError(f"{where}.logprobs[{i}] must be a finite log-probability <= 0, got {lp!r}")
+    if t.finish_reason not in FINISH_REASONS:
+        raise ValueError(f"{where}.finish_reason must be one of {', '.join(FINISH_REASONS)} (why sampling "
+                         f"ended), got {t.finish_reason!r}")
     if not isinstance(t.reward, (int, float)) or not math.isfinite(t.reward):
         raise ValueError(f"{where}.reward must be finite, got {t.reward!r}")
     total = len(t.prompt_ids) + len(t.completion_ids)
@@ -65,6 +73,34 @@ def validate_trajectory(t: Trajectory, vocab_size: int, max_len: int | None, whe
             f"{where}: prompt + completion is {total} tokens, above the model's "
             f"max_position_embeddings {max_len}"
         )
+
+
+def check_behaviour_logprobs(batch: list[Trajectory], recompute_old_logprobs: bool, tis_cap: float) -> None:
+    """Reject a batch whose behaviour log-probs are all exactly 0.0: placeholders, not samples.
+
+    Used as PPO's old log-probs they make every ratio exp(logp - 0) and the KL-Cov term
+    large, and the update is applied anyway. They are accepted only when the learner
+    recomputes the old log-probs itself (``recompute_old_logprobs``) and does not read them
+    for truncated IS (``tis_cap = 0``). A real sampler almost never gives 0.0 for every token
+    of every trajectory, so only the whole batch is judged, not one short completion.
+    """
+    if recompute_old_logprobs and tis_cap == 0:
+        return
+    if all(lp == 0.0 for t in batch for lp in t.logprobs):
+        why = "the learner is not configured with recompute_old_logprobs: true" if not recompute_old_logprobs \
+            else f"tis_cap={tis_cap:g} reads them for truncated importance sampling"
+        raise ValueError(
+            f"trajectories[*].logprobs: every behaviour log-prob of all {len(batch)} trajectories is 0.0, which "
+            f"looks like placeholders, and {why}; send the sampler's per-token log-probs (Sample.logprobs), or "
+            f"start the learner with recompute_old_logprobs: true and tis_cap: 0")
+
+
+def singleton_groups(batch: list[Trajectory]) -> list[str]:
+    """Group ids with one trajectory: a group baseline (grpo, drgrpo, rloo) gives them advantage 0."""
+    counts: dict[str, int] = {}
+    for t in batch:
+        counts[t.group_id] = counts.get(t.group_id, 0) + 1
+    return [g for g, n in counts.items() if n == 1]
 
 
 def take_groups(pending: list[Trajectory], max_trajectories: int) -> tuple[list[Trajectory], list[Trajectory]]:

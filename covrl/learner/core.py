@@ -4,16 +4,25 @@ each delegates to the module that does the work."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
 import torch
 
 from covrl.learner import checkpoint, distributed, step
-from covrl.learner.batch import Trajectory, take_groups, validate_trajectory
+from covrl.learner.batch import (
+    Trajectory,
+    check_behaviour_logprobs,
+    singleton_groups,
+    take_groups,
+    validate_trajectory,
+)
 from covrl.learner.config import LearnerConfig, step_config
 from covrl.learner.errors import NothingToTrainError
 from covrl.learner.policy import build_policy, resolve_device, scoring_pass
+
+log = logging.getLogger("covrl.learner")
 
 
 class LearnerCore:
@@ -86,8 +95,29 @@ class LearnerCore:
             )
         for i, t in enumerate(batch):
             validate_trajectory(t, self.vocab_size, self.max_len, f"trajectories[{i}]")
+        check_behaviour_logprobs(batch, self.config.recompute_old_logprobs, self.config.tis_cap)
         self._pending.extend(batch)
         return len(self._pending)
+
+    def info(self) -> dict:
+        """What this learner trains: model, tokenizer name, chat template, vocab, limits, config."""
+        import dataclasses
+
+        tok = getattr(self, "_tokenizer", False)
+        if tok is False:
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(self.config.model) if self.config.model else None
+            except Exception:  # noqa: BLE001 - a model directory without a tokenizer
+                tok = None
+            self._tokenizer = tok
+        return {"model": self.config.model, "tokenizer": getattr(tok, "name_or_path", "") or "",
+                "chat_template": (getattr(tok, "chat_template", None) or "") if tok is not None else "",
+                "vocab_size": self.vocab_size, "max_model_len_tokens": int(self.max_len or 0),
+                "weight_version": self.weight_version, "step": self.step,
+                "dtype": str(next(self.policy.parameters()).dtype).removeprefix("torch."),
+                "config": dataclasses.asdict(self.config)}
 
     @property
     def n_pending(self) -> int:
@@ -111,8 +141,15 @@ class LearnerCore:
             raise NothingToTrainError("no trajectories submitted since the last train_step")
         cfg = step_config(self.config, recompute_old_logprobs, loss_overrides)
         batch, self._pending = take_groups(self._pending, max_trajectories)
+        lonely = singleton_groups(batch) if cfg.advantage in ("grpo", "drgrpo", "rloo") else []
+        if lonely:
+            log.warning("%d group(s) of this step have one trajectory (e.g. group_id %r): advantage=%s gives "
+                        "them advantage 0, so they do not train; submit every sample of a prompt under one "
+                        "group_id", len(lonely), lonely[0], cfg.advantage)
         self._command("train", (batch, cfg))
-        return step.train(self, batch, cfg)
+        m = step.train(self, batch, cfg)
+        m["singleton_groups"] = float(len(lonely))
+        return m
 
     def logprobs(self, trajectories) -> tuple[list[list[float]], list[list[float]]]:
         """Log-probs and entropies of each completion token under the current weights (no grad).

@@ -45,7 +45,10 @@ def build_policy(config: LearnerConfig, model, device: torch.device):
     model = model.to(device=device, dtype=DTYPES[config.dtype])
     disable_dropout(model)  # log-probs must match the rollout engine's
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # The current API: non-reentrant checkpointing named explicitly (torch's reentrant default
+        # is deprecated) and no KV cache in training (else transformers warns and turns it off).
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF checkpoints activations only in train mode; dropout is off anyway
     else:
         model.eval()

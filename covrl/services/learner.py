@@ -23,6 +23,7 @@ rank 0 serves gRPC, the other ranks follow it (:func:`serve_worker_rank`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -71,6 +72,7 @@ def trajectory_from_proto(t: learner_pb2.Trajectory) -> Trajectory:
         prompt_ids=list(t.prompt_token_ids), completion_ids=list(t.completion_token_ids),
         logprobs=list(t.behavior_logprobs), reward=float(t.reward), group_id=t.group_id,
         weight_version=int(t.weight_version),
+        finish_reason={1: "stop", 2: "length"}.get(int(t.finish_reason), "unspecified"),  # FinishReason enum
     )
 
 
@@ -229,6 +231,13 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 events = self._history[sent:]
             yield from events
             sent += len(events)
+
+    @unary
+    def GetInfo(self, request, context):
+        with self._lock:
+            info = self.core.info()
+        info["config_json"] = json.dumps(info.pop("config"), sort_keys=True)
+        return learner_pb2.GetLearnerInfoResponse(**info)
 
     def close(self) -> None:
         """Called by the server on stop: end metric streams, release clients and worker ranks."""

@@ -189,3 +189,29 @@ class MetricsEvent(_message.Message):
     unix_time_s: float
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, step: _Optional[int] = ..., weight_version: _Optional[int] = ..., unix_time_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class GetLearnerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLearnerInfoResponse(_message.Message):
+    __slots__ = ("model", "tokenizer", "chat_template", "vocab_size", "max_model_len_tokens", "weight_version", "step", "dtype", "config_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tokenizer: str
+    chat_template: str
+    vocab_size: int
+    max_model_len_tokens: int
+    weight_version: int
+    step: int
+    dtype: str
+    config_json: str
+    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., weight_version: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...

@@ -65,6 +65,11 @@ class LearnerServiceStub:
                 request_serializer=covrl_dot_v1_dot_learner__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=covrl_dot_v1_dot_learner__pb2.MetricsEvent.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/covrl.v1.LearnerService/GetInfo',
+                request_serializer=covrl_dot_v1_dot_learner__pb2.GetLearnerInfoRequest.SerializeToString,
+                response_deserializer=covrl_dot_v1_dot_learner__pb2.GetLearnerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -114,6 +119,14 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInfo(self, request, context):
+        """What the learner trains: model, tokenizer and chat template (so a client can check that
+        it tokenizes the same way), and its settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=covrl_dot_v1_dot_learner__pb2.GetMetricsRequest.FromString,
                     response_serializer=covrl_dot_v1_dot_learner__pb2.MetricsEvent.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=covrl_dot_v1_dot_learner__pb2.GetLearnerInfoRequest.FromString,
+                    response_serializer=covrl_dot_v1_dot_learner__pb2.GetLearnerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class LearnerService:
             '/covrl.v1.LearnerService/GetMetrics',
             covrl_dot_v1_dot_learner__pb2.GetMetricsRequest.SerializeToString,
             covrl_dot_v1_dot_learner__pb2.MetricsEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/covrl.v1.LearnerService/GetInfo',
+            covrl_dot_v1_dot_learner__pb2.GetLearnerInfoRequest.SerializeToString,
+            covrl_dot_v1_dot_learner__pb2.GetLearnerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
