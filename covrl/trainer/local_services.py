@@ -56,11 +56,19 @@ def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
-        "rollout": {"engine": {"kind": "transformers", "model_path": model_path, "device": device,
-                               "dtype": cfg.model.dtype}},
+        "rollout": {"engine": rollout_engine_config(cfg, model_path, device)},
         "reward": {"verifier": {"workers": cfg.reward.workers, "default_deadline_s": cfg.reward.item_timeout_s}},
         "learner": learner_cfg,
     }
+
+
+def rollout_engine_config(cfg: TrainConfig, model_path: str, device: str) -> dict:
+    """The ``engine:`` section of a locally started rollout service (``rollout.engine``)."""
+    engine = {"kind": cfg.rollout.engine, "model_path": model_path, "device": device, "dtype": cfg.model.dtype}
+    if cfg.rollout.engine == "vllm":  # size vLLM's batch and KV cache to one step: prompts <= 1024 tokens
+        engine["max_batch_size"] = max(16, cfg.rollout.prompts_per_step * cfg.rollout.n_samples)
+        engine["max_model_len"] = 1024 + cfg.rollout.max_new_tokens
+    return engine
 
 
 class LocalServices:
