@@ -22,6 +22,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from covrl.config_renames import RENAMED, rename_deprecated
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
@@ -291,34 +293,6 @@ def _coerce(value, tp, name: str):
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-# Old names accepted for one release (covrl 0.2 -> 0.3), with a DeprecationWarning: the
-# trainer now uses the learner's names (one name per concept, docs/trainer.md).
-RENAMED = {
-    "learner.grad_clip": "learner.max_grad_norm",
-    "learner.epochs": "learner.ppo_epochs",
-    "learner.beta1": "learner.adam_beta1",
-    "learner.beta2": "learner.adam_beta2",
-    "algo.is_truncation": "algo.tis_cap",
-    "algo.high_entropy_fraction": "algo.entropy_top_quantile",
-}
-
-
-def _rename_deprecated(data: dict, prefix: str) -> dict:
-    import warnings
-
-    for old, new in RENAMED.items():
-        sec, _, key = old.rpartition(".")
-        if prefix != sec + "." or key not in data:
-            continue
-        new_key = new.rpartition(".")[2]
-        if new_key in data:
-            raise ConfigError(f"{old} and {new} are both given; {old} is the old name of {new}: keep only {new}")
-        warnings.warn(f"covrl: config key {old} is deprecated, use {new} (the old name stops working in "
-                      f"the next release)", DeprecationWarning, stacklevel=4)
-        data = {(new_key if k == key else k): v for k, v in data.items()}
-    return data
-
-
 class _OverrideError(ConfigError):
     """A ConfigError caused by a command-line override (not by the YAML file)."""
 
@@ -326,7 +300,7 @@ class _OverrideError(ConfigError):
 def _build(cls, data: dict, prefix: str, overridden: frozenset = frozenset()):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    data = _rename_deprecated(data, prefix)
+    data = rename_deprecated(data, prefix, ConfigError)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
