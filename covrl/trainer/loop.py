@@ -75,6 +75,7 @@ from covrl.trainer.local_services import (
     service_configs,
     wait_ready,
 )
+from covrl.trainer.remote import check_remote_learner
 from covrl.trainer.rollouts import Batch, Rollout, step_seed
 from covrl.trainer.summary import summarize
 
@@ -182,7 +183,12 @@ class Trainer:
         for name, client in self.ch.all():
             local = self.local is not None and name in self.local.procs
             wait_ready(client.channel, name, client.address, max(timeout, s.start_timeout_s) if local else timeout,
-                       alive=(lambda n=name: self.local.check(n)) if local else None)
+                       alive=(lambda n=name: self.local.check(n)) if local else None,
+                       log_path=os.path.join(self.local.dir, f"{name}.log") if local else None)
+        if with_learner and not (self.local is not None and "learner" in self.local.procs):
+            # a learner given by address trains with its own config: name each setting that differs
+            check_remote_learner(self.cfg, self.ch.learner, service_configs(self.cfg, self.model_path, self.run_dir)
+                                 ["learner"]["learner"], self.tokenizer, _log)
         if with_learner:
             self._register_rollout_servers()
 
@@ -207,6 +213,7 @@ class Trainer:
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                print_every=cfg.logging.print_every)
         self.logger = logger
+        logger.watch(lambda: getattr(self, "_stage", "running"))  # a line every 30 s while one phase runs long
         try:
             self.start_services()
             for step in range(self.start_step + 1, cfg.steps + 1):
