@@ -8,6 +8,11 @@ prompt + completion, which is what the learner computes (the tests check 1e-4 in
 
 Weights are swapped in place under the same lock generation holds, so a batch is always
 sampled by one weight version, and versions only increase.
+
+Generation is interruptible: ``generate_iter(..., should_stop=fn)`` calls ``fn()`` between
+decode steps and raises :class:`GenerationCancelled` when it returns true (the rollout
+server passes "the call was cancelled or the server is stopping", so a stop finishes
+within its grace period even in the middle of a long batch).
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion, processed_logprobs
+
+
+class GenerationCancelled(RuntimeError):
+    """``should_stop()`` returned true between two decode steps: the batch was abandoned."""
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,11 +142,16 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[PromptResult]:
-        return sorted(self.generate_iter(prompts, params), key=lambda r: r.prompt_index)
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 should_stop: Callable[[], bool] | None = None) -> list[PromptResult]:
+        return sorted(self.generate_iter(prompts, params, should_stop=should_stop), key=lambda r: r.prompt_index)
 
-    def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[PromptResult]:
-        """Yield PromptResults in prompt order, one decode batch (<= max_batch_size rows) at a time."""
+    def generate_iter(self, prompts: list[list[int]], params: SamplingParams, *,
+                      should_stop: Callable[[], bool] | None = None) -> Iterator[PromptResult]:
+        """Yield PromptResults in prompt order, one decode batch (<= max_batch_size rows) at a time.
+
+        ``should_stop()`` is checked between decode steps; when true, :class:`GenerationCancelled`.
+        """
         params.validate()
         gen = torch.Generator(device=self.device)
         if params.seed is not None:
@@ -149,7 +164,7 @@ class TransformersEngine:
             rows = [p for p in chunk for _ in range(params.n)]
             with self._lock:
                 version = self._version
-                samples = self._decode(rows, params, gen)
+                samples = self._decode(rows, params, gen, should_stop)
             for j, prompt in enumerate(chunk):
                 yield PromptResult(
                     prompt_index=start + j,
@@ -164,7 +179,8 @@ class TransformersEngine:
         return cache if cache is not None else out.past_key_values
 
     @torch.no_grad()
-    def _decode(self, rows: list[list[int]], params: SamplingParams, gen: torch.Generator) -> list[Sample]:
+    def _decode(self, rows: list[list[int]], params: SamplingParams, gen: torch.Generator,
+                should_stop: Callable[[], bool] | None = None) -> list[Sample]:
         B, L = len(rows), max(len(r) for r in rows)
         dev = self.device
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
@@ -185,6 +201,8 @@ class TransformersEngine:
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         last_pos = pos[:, -1:]  # [B, 1]
         for step in range(params.max_new_tokens):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"generation stopped after {step} of {params.max_new_tokens} decode steps")
             lp = processed_logprobs(logits, params.temperature, params.top_k, params.top_p)  # [B, V] fp32
             nxt = torch.multinomial(lp.exp(), 1, generator=gen)  # [B, 1]
             tok_lp = lp.gather(-1, nxt).squeeze(-1)  # [B]

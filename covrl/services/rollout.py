@@ -4,11 +4,17 @@ The servicer is thin: each RPC parses its request with a plain function below
 (:func:`parse_generate_request`, :func:`receive_weights`), calls the engine, converts the
 result (:func:`result_to_proto`); problems are :mod:`covrl.services.common` errors that
 name the field, turned into status codes in one place.
+
+Stopping: an engine whose ``generate_iter`` takes ``should_stop`` (the transformers engine)
+is asked between decode steps whether the call is still wanted (the client is there and
+the server is not stopping), so a graceful stop ends a running Generate at its grace
+deadline instead of when the batch is done; the call then fails UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 import time
 from collections.abc import Iterable
@@ -211,6 +217,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def __init__(self, engine: Engine, limits: RolloutLimits | None = None):
         self.engine = engine
         self.limits = limits or RolloutLimits()
+        self._stopping = threading.Event()  # set by close() (server stop) and stop_generation()
+        try:
+            self._interruptible = "should_stop" in inspect.signature(engine.generate_iter).parameters
+        except (TypeError, ValueError):
+            self._interruptible = False
 
     def attach_health(self, set_serving) -> None:
         """Called by ``start_server``: an engine that can die (``engine.alive``) flips health to NOT_SERVING."""
@@ -231,12 +242,25 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             set_serving(False)
         raise Unavailable("engine", "the rollout engine has died; this server no longer serves (restart it)")
 
+    def _generate(self, prompts, params, context):
+        """The engine's results, abandoned between decode steps once the call is not wanted."""
+        self._check_engine()
+        if not self._interruptible:
+            yield from self.engine.generate_iter(prompts, params)
+            return
+        from covrl.engines.transformers_engine import GenerationCancelled
+
+        try:
+            yield from self.engine.generate_iter(
+                prompts, params, should_stop=lambda: self._stopping.is_set() or not context.is_active())
+        except GenerationCancelled as e:
+            raise Unavailable("", f"the rollout server is stopping or the call was cancelled ({e})") from None
+
     @unary
     def Generate(self, request, context):
         prompts, prompt_ids, params = parse_generate_request(request, self.engine, self.limits)
-        self._check_engine()
         results = []
-        for r in self.engine.generate_iter(prompts, params):
+        for r in self._generate(prompts, params, context):
             if not context.is_active():  # caller gone (deadline, cancel): stop sampling for nobody
                 return rollout_pb2.GenerateResponse()
             results.append(r)
@@ -246,9 +270,15 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @server_stream
     def GenerateStream(self, request, context):
         prompts, prompt_ids, params = parse_generate_request(request, self.engine, self.limits)
-        self._check_engine()
-        for r in self.engine.generate_iter(prompts, params):
+        for r in self._generate(prompts, params, context):
             yield result_to_proto(r, prompt_ids[r.prompt_index])
+
+    def stop_generation(self) -> None:
+        """Make every running and future Generate end at its next decode step (server stop)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.stop_generation()
 
     @unary
     def UpdateWeights(self, request_iterator, context):
