@@ -14,10 +14,10 @@ Algorithm (one step ``t``; the loop in :meth:`Trainer.train_step` reads in this 
 4. **Advantages + update.** The trajectories (prompt ids, completion ids, behaviour
    log-probs, reward, group id = prompt) go to the learner, which computes advantages
    with the configured estimator (``covrl.advantages``: grpo / drgrpo / rloo /
-   reinforce_pp) and runs ``learner.epochs`` passes of mini-batch AdamW steps on
+   reinforce_pp) and runs ``learner.ppo_epochs`` passes of mini-batch AdamW steps on
    ``covrl.policy_loss`` (ppo, Clip-Higher = ppo with clip_high > clip_low, clip_cov,
    kl_cov), an optional entropy bonus and optional training on the top
-   ``algo.high_entropy_fraction`` of tokens by entropy ("80/20").
+   ``algo.entropy_top_quantile`` of tokens by entropy ("80/20").
 5. **Publish.** The new weights go to every rollout server (the learner pushes them at
    the end of ``Train``; with ``max_staleness=1`` the trainer pipes ``GetWeights`` into
    ``UpdateWeights`` once the prefetched batch is done, see below).
@@ -34,7 +34,7 @@ Off-policy (``algo.max_staleness``): 0 is synchronous. With 1, the batch for ste
 generated (with the weights of step t-1) while step t trains, so every trained sample is
 one version old. The learner then recomputes PPO's old log-probs with its current
 weights and weights each token by the truncated importance ratio
-``min(pi_old / pi_behaviour, algo.is_truncation)``. A trajectory whose version lags the
+``min(pi_old / pi_behaviour, algo.tis_cap)``. A trajectory whose version lags the
 learner by more than ``max_staleness`` (e.g. from a remote rollout server that missed a
 push) is dropped and counted (``staleness/dropped``).
 
