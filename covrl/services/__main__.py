@@ -1,4 +1,4 @@
-"""``python -m covrl.services <rollout|reward|learner> [--host H] [--port P] [--config cfg.yaml]``."""
+"""``python -m covrl.services <rollout|reward|learner> [--host H] [--port P] [--config cfg.yaml] [--insecure]``."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default=None, help="bind address (default: server.host from the config, else 127.0.0.1)")
     ap.add_argument("--port", type=int, default=None, help="port (default: server.port from the config, else 0 = any)")
     ap.add_argument("--config", default=None, help="YAML config (see services/<name>/config.example.yaml)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback --host without TLS or a token (logs a warning)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.service, args.host, args.port, args.config)
+    serve(args.service, args.host, args.port, args.config, insecure=args.insecure)
     return 0
 
 

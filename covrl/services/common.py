@@ -3,12 +3,18 @@
 - :class:`ServerConfig`: bind address (127.0.0.1 unless told otherwise), message-size limit,
   worker threads, optional TLS (server cert/key, optional client CA for mutual TLS) and an
   optional shared token checked in call metadata (``authorization: Bearer <token>``).
-- :class:`ServiceError` and its subclasses: the domain errors plain functions raise, each
-  naming the offending field. :func:`status_for` is the ONE place that maps an exception to
-  a gRPC status code; :func:`unary` / :func:`server_stream` wrap servicer methods with it.
+- :class:`ServiceError` and its subclasses (in :mod:`covrl.services.errors`, re-exported): the
+  domain errors plain functions raise, each naming the offending field. :func:`status_for` is
+  the ONE place that maps an exception to a gRPC status code; :func:`unary` /
+  :func:`server_stream` wrap servicer methods with it.
 - :func:`start_server`: builds a ``grpc.server`` with the given services plus the standard
   health service and server reflection; :class:`RunningServer` stops it gracefully and
-  :meth:`RunningServer.serve_until_signal` handles SIGTERM / SIGINT.
+  :meth:`RunningServer.serve_until_signal` handles SIGTERM / SIGINT. A request whose bytes
+  do not parse as its message gets INVALID_ARGUMENT (gRPC itself would answer INTERNAL).
+- Security defaults: :meth:`ServerConfig.validate` refuses a non-loopback ``host`` without
+  TLS or a token unless ``insecure`` is set (then :func:`start_server` logs a warning);
+  :func:`parse_address` / :func:`address_allowed` check a ``host:port`` a request names
+  against an allow-list (loopback only by default).
 """
 
 from __future__ import annotations
@@ -28,59 +34,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from covrl.services.addresses import address_allowed, is_loopback_host, parse_address, validate_allow_list
+from covrl.services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    status_for,
+)
+
+__all__ = [  # the errors and address checks are re-exported: servicers import everything from here
+    "FailedPrecondition", "InvalidArgument", "PermissionDenied", "ResourceExhausted", "ServiceError", "Unavailable",
+    "status_for", "address_allowed", "is_loopback_host", "parse_address", "validate_allow_list",
+    "ServerConfig", "ServiceBinding", "RunningServer", "start_server", "unary", "server_stream", "service_name",
+    "TokenAuthInterceptor", "DecodeErrorInterceptor",
+]
+
 log = logging.getLogger("covrl.services")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 TOKEN_METADATA_KEY = "authorization"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ServiceError(Exception):
-    """A request problem a servicer reports as a status code; ``field`` names the culprit."""
-
-    code = grpc.StatusCode.INTERNAL
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
-
-
-class InvalidArgument(ServiceError):
-    """The request is malformed (wrong type, length, range, NaN, unknown name)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ResourceExhausted(ServiceError):
-    """The request is larger than a configured limit."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class FailedPrecondition(ServiceError):
-    """The request is valid but the server's state does not allow it (e.g. an old version)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unavailable(ServiceError):
-    """The backend is not ready or shutting down; the client may retry."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception raised while handling a request to (status code, message)."""
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
-    if isinstance(exc, MemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory while handling the request"
-    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream
-        return grpc.StatusCode.CANCELLED, "stream broken by the client"
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
@@ -143,6 +118,10 @@ class ServerConfig:
     token_env: str | None = dataclasses.field(
         default=None, metadata={"help": "read the shared token from this environment variable"}
     )
+    insecure: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "allow a non-loopback host without TLS or a token (logs a warning); --insecure"},
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ServerConfig:
@@ -168,6 +147,19 @@ class ServerConfig:
             raise ValueError("server.tls_client_ca_path: needs tls_cert_path and tls_key_path too")
         if self.token_env and not os.environ.get(self.token_env):
             raise ValueError(f"server.token_env: environment variable {self.token_env} is unset or empty")
+        if not isinstance(self.insecure, bool):
+            raise ValueError(f"server.insecure: expected true or false, got {self.insecure!r}")
+        if self.exposed_without_auth() and not self.insecure:
+            raise ValueError(
+                f"server.host: {self.host!r} is not a loopback address and the server has neither TLS "
+                "(server.tls_cert_path + tls_key_path) nor a token (server.token / token_env): anyone who "
+                "can reach it could drive it. Configure TLS and a token, or pass --insecure "
+                "(server.insecure: true) to accept that risk"
+            )
+
+    def exposed_without_auth(self) -> bool:
+        """True when the server would listen beyond loopback with neither TLS nor a token."""
+        return not is_loopback_host(self.host) and not self.tls_cert_path and not self.resolved_token()
 
     def resolved_token(self) -> str | None:
         if self.token:
@@ -220,6 +212,87 @@ def _deny_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(deny, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+class _Undecodable:
+    """What a request's bytes became when they do not parse as its message type."""
+
+    def __init__(self, type_name: str, exc: Exception):
+        self.error = InvalidArgument(type_name, f"the request bytes are not a valid {type_name} message "
+                                                f"({type(exc).__name__}: {str(exc)[:200]})")
+
+
+class DecodeErrorInterceptor(grpc.ServerInterceptor):
+    """Undecodable request bytes -> INVALID_ARGUMENT naming the message type.
+
+    gRPC answers INTERNAL ("Exception deserializing request!") when a request does not
+    parse; a malformed request is the client's error, so it gets INVALID_ARGUMENT here.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _decode_checked(handler)
+
+
+def _decode_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+    cls = getattr(deserialize, "__self__", None)
+    type_name = getattr(getattr(cls, "DESCRIPTOR", None), "name", "request")
+
+    def safe_deserialize(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
+            return _Undecodable(type_name, exc)
+
+    def checked(requests):
+        for r in requests:
+            if isinstance(r, _Undecodable):
+                raise r.error
+            yield r
+
+    streaming, responding = handler.request_streaming, handler.response_streaming
+    inner = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+             (True, False): handler.stream_unary, (True, True): handler.stream_stream}[(streaming, responding)]
+
+    def prepare(request, context):
+        if not streaming:
+            if isinstance(request, _Undecodable):
+                context.abort(request.error.code, str(request.error))
+            return request
+        return checked(request)
+
+    if responding:
+        def behavior(request, context):
+            request = prepare(request, context)
+            try:
+                yield from inner(request, context)
+            except ServiceError as exc:  # raised by `checked` in a handler without covrl's wrappers
+                context.abort(exc.code, str(exc))
+    else:
+        def behavior(request, context):
+            request = prepare(request, context)
+            try:
+                return inner(request, context)
+            except ServiceError as exc:
+                context.abort(exc.code, str(exc))
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[(streaming, responding)]
+    return make(behavior, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer)
+
+
+class _HealthServicer(health.HealthServicer):
+    """grpc's health servicer plus ``List`` (in the health proto, unimplemented by grpcio-health-checking)."""
+
+    def List(self, request, context):
+        with self._lock:
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=st) for name, st in statuses.items()})
 
 
 # --------------------------------------------------------------------------- server
@@ -294,10 +367,14 @@ def start_server(bindings: list[ServiceBinding], config: ServerConfig | None = N
     """Start a server hosting ``bindings`` + health + reflection; returns once it listens."""
     config = config or ServerConfig()
     config.validate()
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     token = config.resolved_token()
     if token:
         interceptors.append(TokenAuthInterceptor(token))
+    interceptors.append(DecodeErrorInterceptor())
+    if config.exposed_without_auth():  # validate() let it through: insecure is set
+        log.warning("server.insecure: listening on %s without TLS or a token; anyone who can reach this "
+                    "address can drive the server", config.host)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="covrl-rpc"),
         interceptors=interceptors,
@@ -306,7 +383,7 @@ def start_server(bindings: list[ServiceBinding], config: ServerConfig | None = N
     )
     for b in bindings:
         b.add_to_server(b.servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = _HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [b.name for b in bindings]
     reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)

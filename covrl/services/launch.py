@@ -176,7 +176,8 @@ def build_bindings(name: str, config: dict) -> list[ServiceBinding]:
     raise ValueError(f"service: expected one of {SERVICES}, got {name!r}")
 
 
-def start(name: str, config: dict | None = None, host: str | None = None, port: int | None = None) -> RunningServer:
+def start(name: str, config: dict | None = None, host: str | None = None, port: int | None = None,
+          insecure: bool = False) -> RunningServer:
     """Build service ``name`` from ``config`` and start it (non-blocking)."""
     config = dict(config or {})
     server_cfg = dict(config.get("server") or {})
@@ -184,11 +185,14 @@ def start(name: str, config: dict | None = None, host: str | None = None, port: 
         server_cfg["host"] = host
     if port is not None:
         server_cfg["port"] = port
+    if insecure:  # --insecure: a non-loopback host without TLS or a token (warned at start)
+        server_cfg["insecure"] = True
     server = ServerConfig.from_dict(server_cfg)
     return start_server(build_bindings(name, config), server)
 
 
-def serve(name: str, host: str | None = None, port: int | None = None, config_path: str | None = None) -> None:
+def serve(name: str, host: str | None = None, port: int | None = None, config_path: str | None = None,
+          insecure: bool = False) -> None:
     """Start service ``name`` and block until SIGTERM / SIGINT, then stop gracefully.
 
     Under ``torchrun`` (``RANK`` > 0) the learner's other ranks serve nothing: they follow
@@ -201,7 +205,7 @@ def serve(name: str, host: str | None = None, port: int | None = None, config_pa
 
             serve_worker_rank(config)
             return
-        running = start(name, config, host, port)
+        running = start(name, config, host, port, insecure)
     except ValueError as e:  # a config mistake (ServiceConfigError, or a value a constructor rejected)
         where = f"{config_path}: " if config_path and not str(e).startswith(str(config_path)) else ""
         print(f"covrl {name}: config error: {where}{' '.join(str(e).split())}", file=sys.stderr, flush=True)

@@ -10,10 +10,21 @@ failing server is reported, never fatal).
 Config mapping (the whole YAML file; ``server:`` is read by the launcher):
 
 - ``learner:`` :class:`covrl.learner.LearnerConfig` fields (``model`` is required).
-- ``checkpoint_dir``: where ``Checkpoint`` with an empty path writes (``<dir>/step_<N>``).
+- ``checkpoint_dir``: the only directory ``Checkpoint`` writes to. ``CheckpointRequest.path``
+  is a *name* (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 128 characters), resolved as
+  ``<checkpoint_dir>/<name>``; empty = ``step_<N>``. Absolute paths, ``..``, separators and
+  other characters are INVALID_ARGUMENT naming ``path``.
 - ``resume_from``: a checkpoint directory to load at start.
 - ``rollout_servers``: addresses (or mappings with ``address``, ``use_tls``,
-  ``root_certificates_path``, ``token``) registered at start.
+  ``root_certificates_path``, ``token``) registered at start (trusted: config).
+- ``allowed_rollout_addresses``: hosts, IPs, CIDRs or ``host:port`` that
+  ``RegisterRolloutServer`` accepts (default: loopback only); others are PERMISSION_DENIED
+  naming ``address``, so no client can make the learner push its weights (or a token) anywhere.
+- ``rollout_auth``: ``use_tls``, ``root_certificates_path``, ``token`` / ``token_env``: how the
+  learner connects to every rollout server. The config wins: a request's ``use_tls`` can only
+  turn TLS on, its ``root_certificates_pem`` and ``token`` are used only where ``rollout_auth``
+  sets none (and only toward an allowed address).
+- ``max_rollout_servers`` (default 64): registrations beyond it are RESOURCE_EXHAUSTED.
 - ``push_chunk_bytes`` (default 4 MiB), ``push_dtype`` (``""`` = as trained),
   ``push_timeout_s`` (default 120).
 
@@ -23,6 +34,7 @@ rank 0 serves gRPC, the other ranks follow it (:func:`serve_worker_rank`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,16 +49,20 @@ from covrl.services.common import (
     InvalidArgument,
     ResourceExhausted,
     ServiceBinding,
+    address_allowed,
     server_stream,
     service_name,
     unary,
+    validate_allow_list,
 )
 from covrl.services.tensors import DEFAULT_CHUNK_BYTES, DTYPES, iter_tensor_chunks
 
 log = logging.getLogger("covrl.services.learner")
 
 _SERVICE_KEYS = {"server", "learner", "checkpoint_dir", "resume_from", "rollout_servers", "push_chunk_bytes",
-                 "push_dtype", "push_timeout_s"}
+                 "push_dtype", "push_timeout_s", "allowed_rollout_addresses", "rollout_auth", "max_rollout_servers"}
+_AUTH_KEYS = ("use_tls", "root_certificates_path", "token", "token_env")
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # LearnerCore's field names -> the proto's, so error messages name what the client sent.
 _PROTO_FIELDS = {"prompt_ids": "prompt_token_ids", "completion_ids": "completion_token_ids",
                  "logprobs": "behavior_logprobs"}
@@ -56,14 +72,35 @@ def _proto_names(msg: str) -> str:
     return re.sub(r"\.(prompt_ids|completion_ids|logprobs)\b", lambda m: "." + _PROTO_FIELDS[m.group(1)], msg)
 
 
-def _domain(exc: Exception):
-    """Map a LearnerCore exception to a ServiceError (or return it unchanged)."""
+_NAMED = re.compile(r"[A-Za-z_][\w.]*(?:\[[^\]]*\][\w.]*)*: ")
+_LEADING_FIELD = re.compile(r"(?:learner config )?([A-Za-z_]\w*(?:\[[^\]]*\])*(?:\.[A-Za-z_]\w*(?:\[[^\]]*\])*)*)"
+                            r"(?:=(\S+))? ((?:must|is|are|has|holds|exceeds|differs|cannot|needs) .*)", re.S)
+
+
+def _field_first(msg: str, default: str, overrides=()) -> str:
+    """``'x.y must be ...'`` -> ``'x.y: must be ...'`` (errors name their field first); a config
+    field a per-step override set is named as ``loss_overrides['name']``."""
+    if _NAMED.match(msg):
+        return msg
+    m = _LEADING_FIELD.fullmatch(msg)
+    if m is None:
+        return f"{default}: {msg}"
+    field, value, rest = m.groups()
+    if field in overrides:
+        field = f"loss_overrides[{field!r}]"
+    elif msg.startswith("learner config "):
+        return f"{default}: {msg}"
+    return f"{field}: {value + ' ' if value else ''}{rest}"
+
+
+def _domain(exc: Exception, default: str = "", overrides=()):
+    """Map a LearnerCore exception to a ServiceError naming the request field (or return it unchanged)."""
     if isinstance(exc, NothingToTrainError | NonFiniteLossError):
         return FailedPrecondition("", str(exc))
     if isinstance(exc, OverflowError):
-        return ResourceExhausted("", _proto_names(str(exc)))
+        return ResourceExhausted("", _field_first(_proto_names(str(exc)), default, overrides))
     if isinstance(exc, ValueError):
-        return InvalidArgument("", _proto_names(str(exc)))
+        return InvalidArgument("", _field_first(_proto_names(str(exc)), default, overrides))
     return exc
 
 
@@ -74,6 +111,50 @@ def trajectory_from_proto(t: learner_pb2.Trajectory) -> Trajectory:
         weight_version=int(t.weight_version),
         finish_reason={1: "stop", 2: "length"}.get(int(t.finish_reason), "unspecified"),  # FinishReason enum
     )
+
+
+def checkpoint_path(checkpoint_dir: str, name: str, step: int) -> str:
+    """``<checkpoint_dir>/<name>`` (``step_<step>`` for an empty name); a name that could leave
+    the directory, or a server without one, is an error naming ``path``."""
+    if not name:
+        name = f"step_{step}"
+    elif not CHECKPOINT_NAME.fullmatch(name) or ".." in name:
+        shown = name[:80].encode("unicode_escape").decode()
+        raise InvalidArgument("path", "must be a checkpoint name, not a path: 1-128 characters of "
+                                      f"[A-Za-z0-9._-], starting with a letter or digit, no '..'; got {shown!r}")
+    if not checkpoint_dir:
+        raise FailedPrecondition("path", "the server has no checkpoint_dir configured")
+    root = os.path.realpath(checkpoint_dir)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.dirname(path) != root:  # e.g. a symlink planted inside checkpoint_dir
+        raise InvalidArgument("path", f"{name!r} resolves outside the checkpoint directory")
+    return path
+
+
+def _read_pem(path: str | None, key: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+def _rollout_auth(spec) -> dict:
+    """The ``rollout_auth`` section, validated: use_tls, root_certificates (bytes|None), token."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(_AUTH_KEYS))
+    if unknown:
+        raise ValueError(f"rollout_auth: unknown keys {unknown}; expected some of {list(_AUTH_KEYS)}")
+    token = spec.get("token") or ""
+    if spec.get("token_env"):
+        token = os.environ.get(spec["token_env"], "")
+        if not token:
+            raise ValueError(f"rollout_auth.token_env: environment variable {spec['token_env']} is unset or empty")
+    return {"use_tls": bool(spec.get("use_tls", False)),
+            "root_certificates": _read_pem(spec.get("root_certificates_path"), "rollout_auth.root_certificates_path"),
+            "token": token}
 
 
 class _Rollout:
@@ -99,6 +180,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         if config.get("resume_from"):
             self.core.load_checkpoint(config["resume_from"])
         self.checkpoint_dir = config.get("checkpoint_dir") or ""
+        self.allowed_rollout_addresses = validate_allow_list(config.get("allowed_rollout_addresses"),
+                                                             "allowed_rollout_addresses")
+        self.rollout_auth = _rollout_auth(config.get("rollout_auth"))
+        self.max_rollout_servers = int(config.get("max_rollout_servers") or 64)
         self.push_chunk_bytes = int(config.get("push_chunk_bytes") or DEFAULT_CHUNK_BYTES)
         self.push_dtype = config.get("push_dtype") or ""
         if self.push_dtype and self.push_dtype not in DTYPES:
@@ -111,18 +196,24 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self._closed = False
         for spec in config.get("rollout_servers") or []:
             spec = {"address": spec} if isinstance(spec, str) else dict(spec)
-            pem_path = spec.pop("root_certificates_path", None)
-            pem = open(pem_path, "rb").read() if pem_path else None  # noqa: SIM115
-            self._servers[spec["address"]] = _Rollout(spec["address"], spec.get("use_tls", False), pem,
-                                                      spec.get("token", ""))
+            pem = _read_pem(spec.pop("root_certificates_path", None), "rollout_servers.root_certificates_path")
+            self._servers[spec["address"]] = self._client(spec["address"], spec.get("use_tls", False), pem,
+                                                          spec.get("token", ""))
 
     # ------------------------------------------------------------------ helpers
-    def _run(self, fn, *args, **kwargs):
+    def _client(self, address: str, use_tls: bool, root_certificates: bytes | None, token: str) -> _Rollout:
+        """A rollout client with ``rollout_auth`` applied: the config's TLS, CA and token win."""
+        auth = self.rollout_auth
+        return _Rollout(address, use_tls=auth["use_tls"] or bool(use_tls),
+                        root_certificates=auth["root_certificates"] or root_certificates or None,
+                        token=auth["token"] or token or "")
+
+    def _run(self, fn, *args, field: str = "", overrides=(), **kwargs):
         with self._lock:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - mapped below, re-raised
-                raise _domain(exc) from None
+                raise _domain(exc, field, overrides) from None
 
     def _weights_cpu(self) -> tuple[int, dict]:
         """(version, {name: cpu tensor}) snapshot taken under the lock."""
@@ -152,7 +243,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         if not request.trajectories:
             raise InvalidArgument("trajectories", "must contain at least one trajectory")
         batch = [trajectory_from_proto(t) for t in request.trajectories]
-        self._run(self.core.submit, batch)
+        self._run(self.core.submit, batch, field="trajectories")
         with self._lock:
             return learner_pb2.SubmitRolloutsResponse(
                 accepted=len(batch), buffered_trajectories=self.core.n_pending,
@@ -161,9 +252,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     @unary
     def Train(self, request, context):
+        overrides = dict(request.loss_overrides)
         m = self._run(self.core.train_step, max_trajectories=int(request.max_trajectories),
                       recompute_old_logprobs=True if request.recompute_old_logprobs else None,
-                      loss_overrides=dict(request.loss_overrides))
+                      loss_overrides=overrides, field="TrainRequest", overrides=tuple(overrides))
         event = learner_pb2.MetricsEvent(step=self.core.step, weight_version=self.core.weight_version,
                                          unix_time_s=time.time(), metrics=m)
         with self._new_metrics:
@@ -192,10 +284,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     @unary
     def RegisterRolloutServer(self, request, context):
-        address = request.address.strip()
-        if not re.fullmatch(r"[^\s:]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", address):
-            raise InvalidArgument("address", f"must be host:port, got {request.address!r}")
-        server = _Rollout(address, request.use_tls, bytes(request.root_certificates_pem), request.token)
+        address = address_allowed(request.address.strip(), self.allowed_rollout_addresses, "address")
+        if len(request.root_certificates_pem) > 1 << 20:
+            raise ResourceExhausted("root_certificates_pem", "larger than 1 MiB")
+        if len(request.token) > 4096 or any(not (c.isprintable() and c.isascii()) for c in request.token):
+            raise InvalidArgument("token", "must be at most 4096 printable ASCII characters")
+        with self._lock:
+            if address not in self._servers and len(self._servers) >= self.max_rollout_servers:
+                raise ResourceExhausted("address", f"{len(self._servers)} rollout servers registered, the "
+                                                   f"limit (max_rollout_servers) is {self.max_rollout_servers}")
+        try:
+            server = self._client(address, request.use_tls, bytes(request.root_certificates_pem), request.token)
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument("root_certificates_pem", f"cannot build a channel with it: {e}") from None
         with self._lock:
             old = self._servers.pop(address, None)
             self._servers[address] = server
@@ -210,12 +311,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     @unary
     def Checkpoint(self, request, context):
-        path = request.path
-        if not path:
-            if not self.checkpoint_dir:
-                raise InvalidArgument("path", "is empty and the server has no checkpoint_dir configured")
-            path = os.path.join(self.checkpoint_dir, f"step_{self.core.step}")
-        self._run(self.core.save_checkpoint, path)
+        path = checkpoint_path(self.checkpoint_dir, request.path, self.core.step)
+        try:
+            self._run(self.core.save_checkpoint, path)
+        except OSError as e:  # the disk, not the request: say so without a traceback
+            cls = ResourceExhausted if e.errno in (errno.ENOSPC, errno.EDQUOT) else FailedPrecondition
+            raise cls("path", f"writing the checkpoint failed: {e.strerror or e}") from None
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         return learner_pb2.CheckpointResponse(path=path, step=self.core.step, weight_version=self.core.weight_version,
                                               size_bytes=size)

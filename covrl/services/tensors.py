@@ -144,7 +144,7 @@ class TensorAssembler:
 
     def add(self, chunk: rollout_pb2.TensorChunk) -> None:
         name = chunk.name
-        where = f"TensorChunk[{name!r}]"
+        where = f"TensorChunk[{_shown(name)}]"
         if self.saw_last:
             raise InvalidArgument(f"{where}.last", "a chunk arrived after the one marked last")
         self.saw_last = chunk.last
@@ -211,11 +211,17 @@ class TensorAssembler:
         out = {}
         for name, p in self._pending.items():
             if p.received != p.nbytes:
-                raise InvalidArgument(f"TensorChunk[{name!r}].data", f"incomplete: got {p.received} of {p.nbytes} bytes")
+                raise InvalidArgument(f"TensorChunk[{_shown(name)}].data",
+                                      f"incomplete: got {p.received} of {p.nbytes} bytes")
             out[name] = t = _tensor_from_bytes(p, writable)
             if t.is_floating_point() and not _all_finite(t):
-                raise InvalidArgument(f"TensorChunk[{name!r}].data", "holds NaN or Inf values")
+                raise InvalidArgument(f"TensorChunk[{_shown(name)}].data", "holds NaN or Inf values")
         return out
+
+
+def _shown(name: str, limit: int = 100) -> str:
+    """A tensor name as it appears in an error: quoted, at most ``limit`` characters of it."""
+    return repr(name[:limit] + "...") if len(name) > limit else repr(name)
 
 
 def _tensor_from_bytes(p: _Pending, writable: bool) -> torch.Tensor:

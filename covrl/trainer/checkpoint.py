@@ -1,6 +1,8 @@
-"""Checkpoint and resume: RUN_DIR/checkpoints/step_N/{learner/, trainer_state.json}, the RNG state in it.
+"""Checkpoint and resume: RUN_DIR/checkpoints/step_N/ (the learner's files + trainer_state.json).
 
-The learner writes its own part (HF safetensors + optimizer) into ``learner/``; the
+The learner writes its own part (HF safetensors + optimizer) as the checkpoint *named*
+``step_N`` under its ``checkpoint_dir`` (RUN_DIR/checkpoints for a local learner; the
+Checkpoint RPC takes a name, never a path; a remote learner keeps it on its host); the
 trainer's part is ``trainer_state.json``: the step, the data cursor, the controller state,
 the loss overrides, the entropy history, the learner's weight version, Python's RNG state
 and, with ``max_staleness=1``, the prefetched batch. :func:`save_checkpoint` and
@@ -36,16 +38,17 @@ def load_resume_state(run_dir: str, resume_dir: str) -> tuple[dict, str]:
         raise FileNotFoundError(f"--resume {resume_dir}: no checkpoint under {run_dir}/checkpoints")
     with open(os.path.join(ckpt, TRAINER_STATE)) as f:
         state = json.load(f)
-    return state, os.path.join(ckpt, "learner")
+    old_layout = os.path.join(ckpt, "learner")  # runs checkpointed before names replaced paths
+    return state, ckpt if os.path.isfile(os.path.join(ckpt, "learner_state.json")) else old_layout
 
 
 def save_checkpoint(tr, step: int) -> str:
-    """RUN_DIR/checkpoints/step_N/{learner/ (HF safetensors + optimizer), trainer_state.json}."""
+    """RUN_DIR/checkpoints/step_N/: the learner's checkpoint step_N (HF safetensors + optimizer) and trainer_state.json."""
 
     root = os.path.join(tr.run_dir, "checkpoints")
     d = os.path.join(root, f"step_{step:06d}")
     os.makedirs(d, exist_ok=True)
-    tr.ch.learner.checkpoint(os.path.join(d, "learner"), timeout_s=600)
+    tr.ch.learner.checkpoint(os.path.basename(d), timeout_s=600)
     pending = None
     if tr.pending is not None:  # the prefetched batch is part of the state (max_staleness=1)
         b = tr.pending.result()

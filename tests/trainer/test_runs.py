@@ -52,7 +52,7 @@ def test_kl_cov_local_subprocess_services_and_resume_equality(tmp_path):
     assert all(r["actor/grad_norm"] > 0 for r in rows)
     assert all(r["actor/selected_frac"] > 0 for r in rows)  # KL-Cov selected some tokens
     ckpt = run / "checkpoints" / "step_000002"
-    assert (ckpt / "learner" / "model.safetensors").exists() and (ckpt / "trainer_state.json").exists()
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "trainer_state.json").exists()
 
     # Resume a copy of the run from its step-2 checkpoint.
     copy = tmp_path / "copy"
@@ -67,7 +67,7 @@ def test_kl_cov_local_subprocess_services_and_resume_equality(tmp_path):
     from covrl.trainer import evaluate_checkpoint
 
     ev = evaluate_checkpoint(cfg, str(copy))
-    assert ev["checkpoint"].endswith(os.path.join("step_000003", "learner"))
+    assert ev["checkpoint"].endswith("step_000003")
     assert ev["n_prompts"] == 2 and 0.0 <= ev["pass@1"] <= ev["pass@2"] <= 1.0
 
 
