@@ -207,7 +207,7 @@ def serve(name: str, host: str | None = None, port: int | None = None, config_pa
             return
         running = start(name, config, host, port, insecure)
     except ValueError as e:  # a config mistake (ServiceConfigError, or a value a constructor rejected)
-        where = f"{config_path}: " if config_path and not str(e).startswith(str(config_path)) else ""
+        where = f"{config_path}: " if config_path and str(config_path) not in str(e) else ""
         print(f"covrl {name}: config error: {where}{' '.join(str(e).split())}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except OSError as e:  # a model that cannot be loaded, a port that cannot be bound
