@@ -20,8 +20,6 @@ def summarize(run_dir: str) -> dict:
             out[key] = (rows[0].get(key), rows[-1].get(key))
     if evals:
         out["eval"] = evals[-1]
-        if len(evals) > 1 and int(evals[0].get("step", -1)) == 0:
-            out["eval_initial"] = evals[0]  # the untrained model (eval.initial)
     from covrl.trainer.checkpoint import latest_checkpoint
 
     out["checkpoint"] = latest_checkpoint(run_dir)
@@ -38,14 +36,7 @@ def format_summary(s: dict) -> str:
             lines.append(f"{key:<18}{_num(a):>12}{_num(b):>12}")
     if "eval" in s:
         ev = {k: v for k, v in s["eval"].items() if k.startswith("pass@")}
-        first = s.get("eval_initial") or {}
-        if first:
-            n = s["eval"].get("n_prompts", "?")
-            lines.append(f"held-out ({n} prompts){'':<6}{'untrained':>12}{'trained':>12}")
-            for k, v in ev.items():
-                lines.append(f"{k:<29}{_num(first.get(k)):>12}{_num(v):>12}")
-        else:
-            lines.append("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items()))
+        lines.append("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items()))
     paths = [("plots", os.path.dirname(s["plots"][0]) if s.get("plots") else None),
              ("checkpoint", s.get("checkpoint")),
              ("tensorboard", f"tensorboard --logdir {s['tensorboard']}" if s.get("tensorboard") else None),
