@@ -108,7 +108,7 @@ class MetricsLogger:
 
     def _watch_loop(self) -> None:
         last_note = time.monotonic()
-        while not self._watch_stop.wait(1.0):
+        while not self._watch_stop.wait(min(1.0, self._watch_s / 4)):
             now = time.monotonic()
             if now - max(self._last_log, last_note) < self._watch_s:
                 continue

@@ -114,3 +114,17 @@ def test_wait_ready_remote_names_the_address(tmp_path):
     with grpc.insecure_channel(addr) as ch, pytest.raises(TimeoutError, match="services.connect_timeout_s"):
         wait_ready(ch, "reward", addr, 1.0, report=said.append)
     assert said[0] == f"connecting to the reward service at {addr} ..."
+
+
+def test_long_phase_is_named(tmp_path, capsys):
+    import time
+
+    from covrl.logging_utils import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), 3, tensorboard=False, progress=False)
+    logger.watch(lambda: "generate", every_s=0.2)
+    deadline = time.monotonic() + 30
+    while "generate running" not in (err := capsys.readouterr().err) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logger.close()
+    assert "step 1/3: generate running" in err and "the first step also warms up the model" in err
