@@ -16,7 +16,8 @@ Config mapping (the whole YAML file; ``server:`` is read by the launcher):
   other characters are INVALID_ARGUMENT naming ``path``.
 - ``resume_from``: a checkpoint directory to load at start.
 - ``rollout_servers``: addresses (or mappings with ``address``, ``use_tls``,
-  ``root_certificates_path``, ``token``) registered at start (trusted: config).
+  ``root_certificates_path``, ``token``) registered at start (trusted: config; a request
+  naming one of them needs no allow-list entry and cannot change its credentials).
 - ``allowed_rollout_addresses``: hosts, IPs, CIDRs or ``host:port`` that
   ``RegisterRolloutServer`` accepts (default: loopback only); others are PERMISSION_DENIED
   naming ``address``, so no client can make the learner push its weights (or a token) anywhere.
@@ -199,6 +200,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             pem = _read_pem(spec.pop("root_certificates_path", None), "rollout_servers.root_certificates_path")
             self._servers[spec["address"]] = self._client(spec["address"], spec.get("use_tls", False), pem,
                                                           spec.get("token", ""))
+        self._configured = frozenset(self._servers)  # rollout_servers: registered by the operator
 
     # ------------------------------------------------------------------ helpers
     def _client(self, address: str, use_tls: bool, root_certificates: bytes | None, token: str) -> _Rollout:
@@ -284,7 +286,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     @unary
     def RegisterRolloutServer(self, request, context):
-        address = address_allowed(request.address.strip(), self.allowed_rollout_addresses, "address")
+        address = request.address.strip()
+        if address in self._configured:  # the operator's own entry: allowed, and its credentials stay
+            return self._registered(self._servers[address], request.push_now)
+        address = address_allowed(address, self.allowed_rollout_addresses, "address")
         if len(request.root_certificates_pem) > 1 << 20:
             raise ResourceExhausted("root_certificates_pem", "larger than 1 MiB")
         if len(request.token) > 4096 or any(not (c.isprintable() and c.isascii()) for c in request.token):
@@ -300,11 +305,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         with self._lock:
             old = self._servers.pop(address, None)
             self._servers[address] = server
-            n, version = len(self._servers), self.core.weight_version
         if old is not None:
             old.client.close()
+        return self._registered(server, request.push_now)
+
+    def _registered(self, server: _Rollout, push_now: bool) -> learner_pb2.RegisterRolloutServerResponse:
+        with self._lock:
+            n, version = len(self._servers), self.core.weight_version
         resp = learner_pb2.RegisterRolloutServerResponse(num_servers=n, weight_version=version)
-        if request.push_now:
+        if push_now:
             version, tensors = self._weights_cpu()
             resp.push.CopyFrom(self._push(server, version, tensors))
         return resp

@@ -166,6 +166,19 @@ def test_push_uses_the_configured_token_over_the_requests(token_rollout):
     assert not push.ok and "UNAVAILABLE" in push.error, push.error
 
 
+def test_configured_rollout_servers_keep_their_credentials():
+    """A server from the learner's own rollout_servers: registering it needs no allow-list
+    entry, and a request cannot swap its credentials (say, drop its token or TLS)."""
+    servicer = LearnerServicer({"rollout_servers": [{"address": "10.9.9.9:50051", "token": "cfg"}]},
+                               core=_Core({"w": torch.zeros(1)}, version=0))
+    before = servicer._servers["10.9.9.9:50051"]
+    resp = servicer.RegisterRolloutServer(
+        learner_pb2.RegisterRolloutServerRequest(address="10.9.9.9:50051", token="other"), None)
+    assert resp.num_servers == 1 and servicer._servers["10.9.9.9:50051"] is before
+    assert before.client._metadata == (("authorization", "Bearer cfg"),)
+    servicer.close()
+
+
 def test_rollout_auth_and_allow_list_config_errors(tmp_path):
     core = _Core({"w": torch.zeros(1)})
     with pytest.raises(ValueError, match="rollout_auth: unknown keys"):
