@@ -30,6 +30,7 @@ def jobs(device: str) -> dict[str, list[str]]:
         "reward": ["bench_reward.py", "--out", str(RESULTS / "reward_cpu.md")],
         "services": ["bench_services.py", "--out", str(RESULTS / "services_cpu.md")],
         "demo_step": ["bench_demo_step.py"],
+        "fuzz": ["bench_fuzz.py", "--out", str(RESULTS / "fuzz.md")],
     }
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, cmd in jobs(args.device).items():
         if args.only and name not in args.only:
             continue
-        if args.device == "cuda" and name in ("reward", "services", "demo_step"):
+        if args.device == "cuda" and name in ("reward", "services", "demo_step", "fuzz"):
             continue
         script = HERE / cmd[0]
         if not script.exists():
