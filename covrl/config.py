@@ -197,6 +197,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class FailoverConfig:
+    """What the trainer does when a service fails (docs/trainer.md, "Failures")."""
+
+    rollout_grace_s: float = _f(300.0, "how long a step may wait with no healthy rollout server (for one "
+                                "to come back) before the run fails, seconds", gt=0.0)
+    service_wait_s: float = _f(300.0, "how long to wait for a lost remote reward / learner service to "
+                               "answer again before the run fails, seconds", gt=0.0)
+    restart_local: bool = _f(True, "restart a locally started service that dies (the learner from "
+                             "the latest checkpoint, see checkpoint.every)")
+    max_restarts: int = _f(20, "restarts and reconnects of the reward / learner services per run "
+                           "before a failure ends it", ge=0)
+    probe_timeout_s: float = _f(5.0, "deadline of one health check of a lost rollout server, seconds", gt=0.0)
+    push_timeout_s: float = _f(300.0, "deadline of one weight push to one rollout server, seconds", gt=0.0)
+    local_rollout_servers: int = _f(1, "rollout servers started locally when services.rollout is empty",
+                                    ge=1)
+    stop_timeout_s: float = _f(10.0, "on Ctrl-C / SIGTERM: seconds the local services get to stop "
+                               "before they are killed", gt=0.0)
+    checkpoint_on_stop: bool = _f(True, "on Ctrl-C / SIGTERM between updates: checkpoint the last "
+                                  "completed step (synchronous runs, max_staleness=0)")
+
+
+@dataclass
 class TrainConfig:
     steps: int = _f(20, "training steps", ge=1)
     seed: int = _f(0, "master seed: sampling, data order, loss selection", ge=0)
@@ -210,6 +232,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
 
     # -- convenience --------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -3,6 +3,9 @@
 loop.py            Trainer: the algorithm (module docstring) and its step, as named stages
 rollouts.py        Rollout / Batch, the records a step passes along, and per-step seeds
 local_services.py  services started as loopback subprocesses, their clients, readiness
+supervised.py      the wrapper a local service runs under: it stops when the trainer dies
+fleet.py           the rollout fleet: healthy servers, failover of shards, re-admission
+recovery.py        lost services back, steps redone from a snapshot / checkpoint, stopping
 evaluation.py      held-out evaluation: pass@k of the current policy
 checkpoint.py      checkpoint / resume: trainer_state.json, RNG state, latest_checkpoint
 summary.py         summarize / format_summary: a run's first vs last step from its logs

@@ -38,17 +38,22 @@ def load_resume_state(run_dir: str, resume_dir: str) -> tuple[dict, str]:
         raise FileNotFoundError(f"--resume {resume_dir}: no checkpoint under {run_dir}/checkpoints")
     with open(os.path.join(ckpt, TRAINER_STATE)) as f:
         state = json.load(f)
+    return state, learner_part(ckpt)
+
+
+def learner_part(ckpt: str) -> str:
+    """The directory holding the learner's files of checkpoint ``ckpt`` (RUN_DIR/checkpoints/step_N)."""
     old_layout = os.path.join(ckpt, "learner")  # runs checkpointed before names replaced paths
-    return state, ckpt if os.path.isfile(os.path.join(ckpt, "learner_state.json")) else old_layout
+    return ckpt if os.path.isfile(os.path.join(ckpt, "learner_state.json")) else old_layout
 
 
-def save_checkpoint(tr, step: int) -> str:
+def save_checkpoint(tr, step: int, *, timeout_s: float = 600) -> str:
     """RUN_DIR/checkpoints/step_N/: the learner's checkpoint step_N (HF safetensors + optimizer) and trainer_state.json."""
 
     root = os.path.join(tr.run_dir, "checkpoints")
     d = os.path.join(root, f"step_{step:06d}")
     os.makedirs(d, exist_ok=True)
-    tr.ch.learner.checkpoint(os.path.basename(d), timeout_s=600)
+    tr.ch.learner.checkpoint(os.path.basename(d), timeout_s=timeout_s)
     pending = None
     if tr.pending is not None:  # the prefetched batch is part of the state (max_staleness=1)
         b = tr.pending.result()

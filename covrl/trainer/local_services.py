@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -72,44 +73,78 @@ def rollout_engine_config(cfg: TrainConfig, model_path: str, device: str) -> dic
 
 
 class LocalServices:
-    """The services the config leaves without an address, started as loopback subprocesses."""
+    """The services the config leaves without an address, started as loopback subprocesses.
+
+    Instance names: ``rollout`` (and ``rollout-1`` ... with ``failover.local_rollout_servers``
+    > 1), ``reward``, ``learner``. Each runs ``python -m covrl.trainer.supervised`` (a
+    parent-death signal and a watchdog on this process: none outlives the trainer, even
+    after ``kill -9``) in its own session, so a terminal's Ctrl-C reaches only the
+    trainer, which then stops them (:meth:`stop`). :meth:`restart` brings a dead one back
+    on the same port.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: str, names: list[str], configs: dict[str, dict]):
         self.cfg = cfg
         self.dir = os.path.join(run_dir, "services")
-        self.names = names
+        n_rollout = cfg.failover.local_rollout_servers
+        self.names = [x for n in names for x in
+                      ([n] + [f"rollout-{i}" for i in range(1, n_rollout)] if n == "rollout" else [n])]
         self.configs = configs
         self.procs: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
+        self.restarts: dict[str, int] = {}
         self._logs: dict[str, str] = {}
-
-    def start(self) -> dict[str, str]:
-        os.makedirs(self.dir, exist_ok=True)
-        host = self.cfg.services.host
-        env = dict(os.environ)
-        threads = self.cfg.services.threads
-        if not threads and self.cfg.algo.max_staleness > 0:
+        self._env = dict(os.environ)
+        threads = cfg.services.threads
+        if not threads and cfg.algo.max_staleness > 0:
             # Generation and training overlap: two processes with torch's default thread
             # count each oversubscribe the cores, and OpenMP then runs ~5x slower (measured
             # in benchmarks/results/demo_step_cpu.md). Split the cores between them.
             threads = max(1, (os.cpu_count() or 2) // 2)
         if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+            self._env["OMP_NUM_THREADS"] = str(threads)
+
+    @staticmethod
+    def kind(name: str) -> str:
+        """``rollout-1`` -> ``rollout``."""
+        return name.split("-", 1)[0]
+
+    def start(self) -> dict[str, str]:
+        """Start every instance; {instance name: address}."""
+        os.makedirs(self.dir, exist_ok=True)
         for name in self.names:
-            cfg_path = os.path.join(self.dir, f"{name}.yaml")
-            with open(cfg_path, "w") as f:
-                yaml.safe_dump(self.configs[name], f, sort_keys=False)
-            port = free_port(host)
-            log_path = os.path.join(self.dir, f"{name}.log")
-            self._logs[name] = log_path
-            cmd = [sys.executable, "-m", "covrl.services", name, "--host", host, "--port", str(port),
-                   "--config", cfg_path]
-            with open(log_path, "ab") as logf:
-                self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                                    start_new_session=True)
-            self.addresses[name] = f"{host}:{port}"
-            _log(f"started local {name} service (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
+            self._spawn(name, free_port(self.cfg.services.host))
         return dict(self.addresses)
+
+    def _spawn(self, name: str, port: int) -> None:
+        host = self.cfg.services.host
+        cfg_path = os.path.join(self.dir, f"{name}.yaml")
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(self.configs[self.kind(name)], f, sort_keys=False)
+        log_path = os.path.join(self.dir, f"{name}.log")
+        self._logs[name] = log_path
+        # PR_SET_PDEATHSIG follows the thread that forks: armed only from the main thread.
+        death = ["--pdeathsig"] if threading.current_thread() is threading.main_thread() else []
+        cmd = [sys.executable, "-m", "covrl.trainer.supervised", str(os.getpid()), *death, self.kind(name),
+               "--host", host, "--port", str(port), "--config", cfg_path]
+        with open(log_path, "ab") as logf:
+            self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self._env,
+                                                start_new_session=True)
+        self.addresses[name] = f"{host}:{port}"
+        _log(f"started local {name} service (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def restart(self, name: str, config: dict | None = None) -> str:
+        """Kill what is left of ``name`` (its whole process group) and start it again on its port."""
+        if config is not None:
+            self.configs[self.kind(name)] = config
+        self._kill_group(self.procs[name])
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        port = int(self.addresses[name].rsplit(":", 1)[1])
+        self._spawn(name, port)
+        return self.addresses[name]
 
     def check(self, name: str) -> str | None:
         """None while ``name`` runs (or is not local); else why it stopped, with its log's tail."""
@@ -124,17 +159,29 @@ class LocalServices:
             pass
         return f"the local {name} service exited with code {p.returncode}; its log ends with:\n{tail}"
 
-    def stop(self) -> None:
+    @staticmethod
+    def _kill_group(p: subprocess.Popen) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the service and any worker it started
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every instance (graceful stop within its grace period), SIGKILL what is left after ``timeout_s``."""
         for p in self.procs.values():
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
         for p in self.procs.values():
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                pass
+            self._kill_group(p)  # also reaps workers left in the group
 
 
 class Clients:
@@ -148,14 +195,30 @@ class Clients:
 
         s = cfg.services
         self.token = os.environ.get(s.token_env, "") if s.token_env else ""
-        kw = dict(token=self.token or None, max_attempts=8, max_backoff_s=10.0,
+        # A few quick retries ride out a blip; a service that stays away is the trainer's
+        # failover (covrl.trainer.loop, failover.*), which waits, restarts or reconnects.
+        kw = dict(token=self.token or None, max_attempts=4, max_backoff_s=2.0,
                   max_message_bytes=256 * 2**20)
         if s.tls_ca:
             kw.update(tls=True, root_certificates=s.tls_ca, client_certificate=s.tls_cert or None,
                       client_key=s.tls_key or None)
+        self._kw = kw
+        self._classes = {"rollout": RolloutClient, "reward": RewardClient, "learner": LearnerClient}
         self.rollout = [RolloutClient(a, **kw) for a in addresses["rollout"]]
         self.reward = RewardClient(addresses["reward"], **kw)
         self.learner = LearnerClient(addresses["learner"], **kw) if addresses.get("learner") else None
+
+    def reconnect(self, kind: str, address: str):
+        """A fresh client of ``kind`` ("reward" / "learner") at ``address`` in place of the old one."""
+        old = getattr(self, kind)
+        new = self._classes[kind](address, **self._kw)
+        setattr(self, kind, new)
+        if old is not None:
+            old.close()
+        return new
+
+    def new_rollout_client(self, address: str):
+        return self._classes["rollout"](address, **self._kw)
 
     def all(self) -> list[tuple[str, object]]:
         out = [("rollout", c) for c in self.rollout] + [("reward", self.reward)]

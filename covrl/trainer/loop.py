@@ -43,6 +43,13 @@ started as a subprocess on loopback (``python -m covrl.services NAME``) on a fre
 (:mod:`covrl.trainer.local_services`), and is then used through exactly the same gRPC
 client path as a remote one.
 
+Failures (``failover.*``, docs/trainer.md): a failed rollout server's shard is re-sent
+to the healthy ones within the step; it is re-admitted once it holds the current weights,
+which the trainer pushes after each update (:mod:`covrl.trainer.fleet`). A lost reward
+or learner service is restarted (local; the learner from the latest checkpoint) or
+waited for (remote); the steps since the learner's weight version are redone
+(:mod:`covrl.trainer.recovery`). SIGINT / SIGTERM stop the run and its local services.
+
 Deviations from the paper (Cui et al. 2025) and its verl recipe
 ----------------------------------------------------------------
 * Sampling, scoring and learning are separate services; with ``max_staleness=1`` the
@@ -62,11 +69,13 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from covrl.client.channel import ClientError
 from covrl.config import ConfigError, TrainConfig, save_config
 from covrl.data import Example, PromptSampler, build_dataset, encode_prompt
 from covrl.logging_utils import MetricsLogger
 from covrl.trainer.checkpoint import load_resume_state, restore, save_checkpoint
 from covrl.trainer.evaluation import evaluate
+from covrl.trainer.fleet import RolloutFleet, Server
 from covrl.trainer.local_services import (
     SERVICE_NAMES,
     Clients,
@@ -74,6 +83,17 @@ from covrl.trainer.local_services import (
     _log,
     service_configs,
     wait_ready,
+)
+from covrl.trainer.recovery import (
+    RunStopped,
+    StopSignals,
+    admit,
+    learner_version,
+    lost_learner,
+    recover_learner,
+    retry_lost,
+    stop_run,
+    take_snapshot,
 )
 from covrl.trainer.remote import check_remote_learner
 from covrl.trainer.rollouts import Batch, Rollout, step_seed
@@ -136,6 +156,11 @@ class Trainer:
         self.local: LocalServices | None = None
         self.ch: Clients | None = None
         self.learner_version = 0
+        self.fleet: RolloutFleet | None = None
+        # failure handling (covrl.trainer.recovery): counters, the state a step can be redone from
+        self.recoveries, self.redone_steps, self.recovery_s = 0, 0, []
+        self.completed_step = self.checkpointed_step = self.start_step
+        self._stage, self._snapshot, self.initial = "between", None, None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covrl-prefetch")
         self._loss_overrides: dict[str, float] = {}
         if self.resume_state:
@@ -170,40 +195,41 @@ class Trainer:
         names = SERVICE_NAMES if with_learner else ("rollout", "reward")
         missing = [n for n in names if not (s.rollout if n == "rollout" else getattr(s, n))]
         addresses: dict = {"rollout": list(s.rollout), "reward": s.reward, "learner": s.learner}
+        local_rollout: dict[str, str] = {}  # address -> local instance name
         if missing:
             configs = service_configs(self.cfg, self.model_path, self.run_dir, self.resume_checkpoint)
             self.local = LocalServices(self.cfg, self.run_dir, missing, configs)
-            started = self.local.start()
-            for n, addr in started.items():
-                addresses[n] = [addr] if n == "rollout" else addr
+            for n, addr in self.local.start().items():
+                kind = LocalServices.kind(n)
+                if kind == "rollout":
+                    addresses["rollout"].append(addr)
+                    local_rollout[addr] = n
+                else:
+                    addresses[kind] = addr
         if not with_learner:
             addresses["learner"] = ""
         self.ch = Clients(self.cfg, addresses)
         timeout = s.connect_timeout_s
         for name, client in self.ch.all():
-            local = self.local is not None and name in self.local.procs
-            wait_ready(client.channel, name, client.address, max(timeout, s.start_timeout_s) if local else timeout,
-                       alive=(lambda n=name: self.local.check(n)) if local else None,
-                       log_path=os.path.join(self.local.dir, f"{name}.log") if local else None)
+            inst = local_rollout.get(client.address) if name == "rollout" else (
+                name if self.local is not None and name in self.local.procs else None)
+            wait_ready(client.channel, name, client.address, max(timeout, s.start_timeout_s) if inst else timeout,
+                       alive=(lambda n=inst: self.local.check(n)) if inst else None,
+                       log_path=os.path.join(self.local.dir, f"{inst}.log") if inst else None)
         if with_learner and not (self.local is not None and "learner" in self.local.procs):
             # a learner given by address trains with its own config: name each setting that differs
             check_remote_learner(self.cfg, self.ch.learner, service_configs(self.cfg, self.model_path, self.run_dir)
                                  ["learner"]["learner"], self.tokenizer, _log)
+        self.fleet = RolloutFleet([Server(i, c, local_rollout.get(c.address)) for i, c in enumerate(self.ch.rollout)],
+                                  admit=lambda srv, target: admit(self, srv, target),
+                                  grace_s=self.cfg.failover.rollout_grace_s, report=_log)
         if with_learner:
-            self._register_rollout_servers()
-
-    def _register_rollout_servers(self) -> None:
-        s = self.cfg.services
-        for rc in self.ch.rollout:
-            # Push right away when the learner's weights are not the initial ones (a resumed
-            # run): the rollout servers must sample from the learner's policy.
-            resp = self.ch.learner.register_rollout_server(
-                rc.address, use_tls=bool(s.tls_ca), root_certificates=s.tls_ca or None, token=self.ch.token,
-                push_now=True, timeout_s=600)
-            self.learner_version = int(resp.weight_version)
-            if resp.push is not None and not resp.push.ok and resp.weight_version > 0:
-                raise RuntimeError(f"the learner could not push weights to rollout server {rc.address}: "
-                                   f"{resp.push.error}")
+            # Admission pushes the learner's weights when they are not the initial ones (a
+            # resumed run): the rollout servers must sample from the learner's policy.
+            self.learner_version = learner_version(self)
+            self.fleet.set_target(self.learner_version)
+        self.fleet.wait_for_a_server()
+        self.fleet.readmissions = 0
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -213,55 +239,94 @@ class Trainer:
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                print_every=cfg.logging.print_every)
         self.logger = logger
-        logger.watch(lambda: getattr(self, "_stage", "running"))  # a line every 30 s while one phase runs long
+        logger.watch(lambda: self._stage)  # a line every 30 s while one phase runs long
+        signals = StopSignals()
         try:
-            self.start_services()
-            for step in range(self.start_step + 1, cfg.steps + 1):
-                metrics = self.train_step(step)
-                logger.log(step, metrics)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
-                    logger.log_eval(step, self.evaluate(step))
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-                        step == cfg.steps and cfg.checkpoint.final):
-                    self.save_checkpoint(step)
-            if cfg.eval.final and self.start_step < cfg.steps:
-                logger.log_eval(cfg.steps, self.evaluate(cfg.steps))
+            with signals:
+                try:
+                    self.start_services()
+                    self.initial = take_snapshot(self, self.start_step + 1)
+                    step = self.start_step + 1
+                    while step <= cfg.steps:
+                        step = self._step_with_recovery(step)
+                    if cfg.eval.final and self.start_step < cfg.steps:
+                        self._stage = "eval"
+                        logger.log_eval(cfg.steps, self.evaluate(cfg.steps))
+                except RunStopped as e:
+                    stop_run(self, e)
+                    raise SystemExit(128 + e.signum) from None
         finally:
             logger.close()
             self.close()
+            signals.restore()
         return summarize(self.run_dir)
 
+    def _step_with_recovery(self, step: int) -> int:
+        """Step ``step`` and what follows it (log, eval, checkpoint); returns the next step to run.
+
+        A lost learner is brought back and the trainer returns to the state of its weight
+        version (:func:`covrl.trainer.recovery.recover_learner`): that step is redone.
+        """
+        cfg = self.cfg
+        if self.pending is not None:  # max_staleness=1: the prefetched batch is part of the snapshot
+            self._pending_batch, self.pending = self.pending.result(), None
+        snap = self._snapshot = take_snapshot(self, step)
+        logged = False
+        try:
+            metrics = self.train_step(step)
+            self.logger.log(step, metrics)
+            logged, self.completed_step, self._stage = True, step, "eval"
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
+                self.logger.log_eval(step, self.evaluate(step))
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                    step == cfg.steps and cfg.checkpoint.final):
+                self._stage = "checkpoint"
+                self.save_checkpoint(step)
+                self.checkpointed_step = step
+            self._stage = "between"
+            return step + 1
+        except ClientError as e:
+            if not lost_learner(e):
+                raise
+            self._stage = "recover"
+            return recover_learner(self, e, step, snap, logged)
+
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
         if self.pending is not None:
             try:
-                self.pending.result(timeout=600)
+                self.pending.result(timeout=self.cfg.failover.stop_timeout_s)
             except Exception:  # noqa: BLE001 - shutting down
                 pass
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self.ch is not None:
             self.ch.close()
         if self.local is not None:
-            self.local.stop()
+            self.local.stop(timeout_s=self.cfg.failover.stop_timeout_s)
 
     def train_step(self, step: int) -> dict:
         """One step, in the order of the module docstring; returns its metrics."""
         t_step = time.monotonic()
+        self._stage = "generate"
         batch, generate_wait_s = self._take_batch(step)  # 1-2. sample prompts -> rollouts
         self._prefetch(step)  # max_staleness=1: the next batch generates while this one trains
+        self._stage = "score"
         t0 = time.monotonic()
         self.score(batch.rollouts)  # 3. score
         score_s = time.monotonic() - t0
+        self._stage = "train"
         kept, dropped = self._filter_stale(batch.rollouts)  # 4. advantages + update on the learner
-        resp, train_s, sync_s = self._update(kept)
-        overlap_s = 0.0
-        if self.cfg.algo.max_staleness >= 1:  # 5. publish (pipelined mode)
-            overlap_s, sync_s = self._publish()
+        resp, train_s = self._update(kept)
+        self._stage = "publish"
+        overlap_s, sync_s = self._publish()  # 5. publish
         m = self._metrics(step, batch, kept, dropped, resp)  # 6. control + log
         self._control(m)
         m.update({"time/generate_s": batch.generate_s if self.cfg.algo.max_staleness == 0 else generate_wait_s,
                   "time/generate_bg_s": batch.generate_s, "time/score_s": score_s, "time/train_s": train_s,
                   "time/sync_s": sync_s, "time/wait_prefetch_s": overlap_s,
                   "time/step_s": time.monotonic() - t_step})
+        m.update(self._fleet_metrics())
         return m
 
     # -- the stages ------------------------------------------------------------------------
@@ -286,21 +351,15 @@ class Trainer:
             examples = self.sampler.next_batch(cfg.rollout.prompts_per_step)
             self.pending = self._executor.submit(self.generate, examples, step + 1)
 
-    def _update(self, kept: list[Rollout]) -> tuple[object, float, float]:
-        """Advantages + update on the learner (it pushes to the rollout servers when synchronous);
-        returns its response and the seconds spent training and pushing."""
+    def _update(self, kept: list[Rollout]) -> tuple[object, float]:
+        """Advantages + update on the learner; returns its response and the seconds it took."""
         t0 = time.monotonic()
-        resp = self.learn(kept, push=self.cfg.algo.max_staleness == 0)
-        train_s = time.monotonic() - t0 - sum(p.elapsed_s for p in resp.pushes)
-        sync_s = sum(p.elapsed_s for p in resp.pushes)
-        bad = [p for p in resp.pushes if not p.ok]
-        if bad:
-            raise RuntimeError("weight push failed: " + "; ".join(f"{p.address}: {p.error}" for p in bad))
-        return resp, train_s, sync_s
+        resp = self.learn(kept)
+        return resp, time.monotonic() - t0
 
     def _publish(self) -> tuple[float, float]:
-        """Pipelined mode: once the prefetch is done, the rollout servers take the new weights;
-        returns the seconds waited for the prefetch and the seconds the push took."""
+        """The healthy rollout servers take the new weights (pipelined mode: once the prefetch is
+        done); returns the seconds waited for the prefetch and the seconds the push took."""
         t0 = time.monotonic()
         if self.pending is not None:
             self.pending.result()
@@ -308,6 +367,10 @@ class Trainer:
         t0 = time.monotonic()
         self.push_weights()
         return overlap_s, time.monotonic() - t0
+
+    def _fleet_metrics(self) -> dict:
+        return {**self.fleet.metrics(), "failover/recoveries": self.recoveries,
+                "failover/redone_steps": self.redone_steps}
 
     def _control(self, m: dict) -> None:
         """The entropy controller turns its knob from this step's metrics (sent with the next Train)."""
@@ -329,22 +392,13 @@ class Trainer:
         n = n or r.n_samples
         t0 = time.monotonic()
         ids = [self._prompt_ids(e) for e in examples]
-        servers = self.ch.rollout
-        shards = [(si, list(range(si, len(examples), len(servers)))) for si in range(len(servers))]
-        shards = [(si, idx) for si, idx in shards if idx]
 
-        def one(si: int, idx: list[int]):
-            sp = SamplingParams(n=n, temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_new_tokens=r.max_new_tokens, stop=tuple(r.stop),
-                                seed=step_seed(self.cfg.seed, step, salt * 1000 + si))
-            return idx, servers[si].generate([ids[i] for i in idx], sp, prompt_ids=[str(i) for i in idx],
-                                             timeout_s=r.timeout_s)
+        def params(si: int) -> SamplingParams:  # shard si's seed, whichever server runs it
+            return SamplingParams(n=n, temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_new_tokens, stop=tuple(r.stop),
+                                  seed=step_seed(self.cfg.seed, step, salt * 1000 + si))
 
-        if len(shards) == 1:
-            results = [one(*shards[0])]
-        else:
-            with ThreadPoolExecutor(len(shards)) as ex:
-                results = list(ex.map(lambda a: one(*a), shards))
+        results = self.fleet.generate(ids, params, timeout_s=r.timeout_s)
         groups: list[list[Rollout]] = [[] for _ in examples]
         for idx, prompt_results in results:
             for res in prompt_results:
@@ -366,7 +420,8 @@ class Trainer:
                            ground_truth=ro.example.ground_truth, metadata=ro.example.reward_meta,
                            deadline_s=rc.item_timeout_s, item_id=str(i))
                  for i, ro in enumerate(rollouts)]
-        resp = self.ch.reward.score(items, timeout_s=rc.timeout_s)
+        # lost: restarted (local) or waited for (remote), then the same request again
+        resp = retry_lost(self, "reward", lambda: self.ch.reward.score(items, timeout_s=rc.timeout_s))
         if len(resp.results) != len(items):
             raise RuntimeError(f"the reward service returned {len(resp.results)} results for {len(items)} items")
         for ro, res in zip(rollouts, resp.results, strict=True):
@@ -379,7 +434,7 @@ class Trainer:
         kept = [ro for ro in rollouts if self.learner_version - ro.weight_version <= bound]
         return kept, len(rollouts) - len(kept)
 
-    def learn(self, rollouts: list[Rollout], *, push: bool):
+    def learn(self, rollouts: list[Rollout]):
         from covrl.client import Trajectory
 
         if not rollouts:
@@ -393,22 +448,23 @@ class Trainer:
         if not trajs:
             raise RuntimeError(f"all {len(rollouts)} completions of this step are empty (0 tokens); check "
                                f"rollout.max_new_tokens and the rollout service's log")
-        self.ch.learner.submit_rollouts(trajs, timeout_s=120)
+        sub = self.ch.learner.submit_rollouts(trajs, timeout_s=120)
+        if sub.buffered_trajectories > len(trajs):
+            raise RuntimeError(f"the learner holds {sub.buffered_trajectories - len(trajs)} trajectories of an "
+                               f"interrupted step besides this step's {len(trajs)}; restart it (from the run's "
+                               f"latest checkpoint) so that the step is not trained twice")
         recompute = bool(self.cfg.learner.recompute_old_logprobs or self.cfg.algo.max_staleness > 0)
-        resp = self.ch.learner.train(recompute_old_logprobs=recompute, skip_push=not push,
+        resp = self.ch.learner.train(recompute_old_logprobs=recompute, skip_push=True,
                                      loss_overrides=self._loss_overrides or None,
                                      timeout_s=self.cfg.learner.timeout_s)
         self.learner_version = int(resp.weight_version)
         return resp
 
     def push_weights(self) -> None:
-        """Copy the learner's weights into every rollout server (pipelined mode)."""
+        """Copy the learner's weights into every healthy rollout server; one that fails is marked down."""
         version, tensors = self.ch.learner.get_weights(timeout_s=600)
-        for rc in self.ch.rollout:
-            res = rc.update_weights(tensors, version, timeout_s=600)
-            if res.weight_version != version:
-                raise RuntimeError(f"rollout server {rc.address} reports weight version {res.weight_version} "
-                                   f"after a push of version {version}")
+        self.fleet.publish(version, tensors, timeout_s=self.cfg.failover.push_timeout_s,
+                           probe_timeout_s=self.cfg.failover.probe_timeout_s)
 
     def _metrics(self, step: int, batch: Batch, kept: list[Rollout], dropped: int, resp) -> dict:
         rs = batch.rollouts
