@@ -25,9 +25,11 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -172,6 +174,8 @@ class VLLMEngine:
         # Where the weights being served come from: the model's own files, then the last update's shm file.
         self._source = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
         self._source_is_shm = False
+        remove_stale_weight_files(weights_dir)
+        atexit.register(self._remove_weight_files)  # the update file lives in RAM: never leave it behind
         self._lock = threading.Lock()
         self._version = 0
         self._dead: str | None = None
@@ -229,6 +233,9 @@ class VLLMEngine:
                 getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
             if callable(shutdown):
                 shutdown()
+        self._remove_weight_files()
+
+    def _remove_weight_files(self) -> None:
         if getattr(self, "_source_is_shm", False):
             for p in self._source:
                 _unlink(p)
@@ -354,6 +361,20 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[PromptResult]:
         return list(self.generate_iter(prompts, params))
+
+
+SHM_NAME = re.compile(r"^covrl-vllm-(\d+)-[0-9a-f]{8}-v\d+\.safetensors$")
+
+
+def remove_stale_weight_files(weights_dir: str) -> list[str]:
+    """Remove update files left in ``weights_dir`` by engines whose process is gone (kill -9); returns them."""
+    removed = []
+    for name in os.listdir(weights_dir):
+        m = SHM_NAME.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            _unlink(os.path.join(weights_dir, name))
+            removed.append(name)
+    return removed
 
 
 def _unlink(path: str) -> None:

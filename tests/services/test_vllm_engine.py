@@ -9,6 +9,7 @@ process, so it stays last.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import grpc
@@ -86,6 +87,19 @@ def test_without_vllm_the_error_says_how_to_get_it(tmp_path):
 
     with pytest.raises(ImportError, match="covrl\\[vllm\\]"):
         make_engine({"kind": "vllm", "model_path": save_tiny_model(tmp_path / "m")})
+
+
+def test_update_files_of_dead_engines_are_removed(tmp_path):
+    from covrl.engines.vllm_engine import remove_stale_weight_files
+
+    dead = 4_000_000  # above any Linux pid_max
+    mine = tmp_path / f"covrl-vllm-{os.getpid()}-0123abcd-v2.safetensors"
+    stale = tmp_path / f"covrl-vllm-{dead}-0123abcd-v7.safetensors"
+    other = tmp_path / f"model-{dead}.safetensors"
+    for p in (mine, stale, other):
+        p.write_bytes(b"x")
+    assert remove_stale_weight_files(str(tmp_path)) == [stale.name]
+    assert mine.exists() and other.exists() and not stale.exists()
 
 
 @needs_vllm

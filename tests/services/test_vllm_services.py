@@ -54,6 +54,9 @@ def vllm_services(tmp_path, monkeypatch):
                 proc.kill()
                 raise AssertionError(f"{name} ignored SIGTERM:\n" + "".join(lines[-20:])) from None
             assert rc == 0, f"{name} exited with {rc}:\n" + "".join(lines[-20:])
+        rollout_pid = started[0][1].pid if started else -1
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"covrl-vllm-{rollout_pid}-")]
+        assert not left, f"the stopped rollout server left its weights in /dev/shm: {left}"
 
 
 def test_three_services_end_to_end_with_a_vllm_rollout_server(vllm_services):
