@@ -67,6 +67,8 @@ def parse_score_request(req: reward_pb2.ScoreRequest, limits: RewardLimits) -> l
                 metadata = json.loads(it.metadata_json)
             except json.JSONDecodeError as e:
                 raise InvalidArgument(f"{field}.metadata_json", f"not valid JSON: {e}") from None
+            except RecursionError:  # found by benchmarks/bench_fuzz.py: was INTERNAL
+                raise InvalidArgument(f"{field}.metadata_json", "nested too deeply") from None
             if not isinstance(metadata, dict):
                 raise InvalidArgument(f"{field}.metadata_json", f"expected a JSON object, got {type(metadata).__name__}")
         deadline = None

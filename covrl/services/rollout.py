@@ -59,7 +59,13 @@ class RolloutLimits:
 # --------------------------------------------------------------------------- parsing
 
 
+MIN_TEMPERATURE = 1e-6  # logits / T overflows float32 for smaller T (found by benchmarks/bench_fuzz.py)
+
+
 def parse_sampling(pb: rollout_pb2.SamplingParams) -> SamplingParams:
+    if pb.HasField("temperature") and 0 < pb.temperature < MIN_TEMPERATURE:
+        raise InvalidArgument("sampling.temperature", f"must be >= {MIN_TEMPERATURE:g} (smaller overflows the "
+                                                      f"scaled logits; top_k=1 samples greedily), got {pb.temperature:g}")
     params = SamplingParams(
         n=pb.n or 1,
         temperature=pb.temperature if pb.HasField("temperature") else 1.0,

@@ -56,3 +56,20 @@ def test_fuzz_every_rpc_short(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_regressions_found_by_the_fuzz():
+    """Bugs the 10,000-request run (seed 1) found, each once INTERNAL."""
+    from covrl._proto.v1 import reward_pb2, rollout_pb2
+    from covrl.services.common import InvalidArgument
+    from covrl.services.reward import RewardLimits, parse_score_request
+    from covrl.services.rollout import parse_sampling
+
+    deep = reward_pb2.RewardItem(task="math", metadata_json="[" * 100000)
+    with pytest.raises(InvalidArgument) as e:
+        parse_score_request(reward_pb2.ScoreRequest(items=[deep]), RewardLimits())
+    assert e.value.field == "items[0].metadata_json"
+    with pytest.raises(InvalidArgument) as e:  # logits / 1e-45 is inf: the sampler failed
+        parse_sampling(rollout_pb2.SamplingParams(temperature=1e-45, max_new_tokens=4))
+    assert e.value.field == "sampling.temperature"
+    assert parse_sampling(rollout_pb2.SamplingParams(temperature=1e-3, max_new_tokens=4)).temperature > 0
