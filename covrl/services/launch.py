@@ -146,7 +146,7 @@ def check_config(name: str, config: dict) -> dict:
             raise ServiceConfigError("engine: section required (kind, model_path, device, dtype, max_batch_size)")
         kind = engine.get("kind", "transformers")
         if kind not in ("transformers", "vllm"):
-            raise ServiceConfigError(f"engine.kind: expected transformers or vllm, got {kind!r}")
+            raise ServiceConfigError(f"engine.kind: expected 'transformers' or 'vllm', got {kind!r}")
         _check_keys("engine", engine, _engine_keys(kind))
         config["engine"] = {**engine, "model_path": resolve_model("engine.model_path", engine.get("model_path"))}
     if name == "learner":
