@@ -220,9 +220,10 @@ def info_to_proto(engine: Engine, include_parameters: bool) -> rollout_pb2.GetIn
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     """gRPC front of an :class:`~covrl.engines.base.Engine`."""
 
-    def __init__(self, engine: Engine, limits: RolloutLimits | None = None):
+    def __init__(self, engine: Engine, limits: RolloutLimits | None = None, owns_engine: bool = False):
         self.engine = engine
         self.limits = limits or RolloutLimits()
+        self.owns_engine = owns_engine  # close() also closes the engine (built from this service's config)
         self._stopping = threading.Event()  # set by close() (server stop) and stop_generation()
         try:
             self._interruptible = "should_stop" in inspect.signature(engine.generate_iter).parameters
@@ -284,7 +285,12 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self._stopping.set()
 
     def close(self) -> None:
+        """Server stop: end generation; an engine this service built is closed too (vLLM's engine
+        process and its shared-memory weight file go with it)."""
         self.stop_generation()
+        close = getattr(self.engine, "close", None) if self.owns_engine else None
+        if callable(close):
+            close()
 
     @unary
     def UpdateWeights(self, request_iterator, context):
@@ -316,4 +322,4 @@ def build_rollout(config: dict) -> list[ServiceBinding]:
     if "engine" not in config:
         raise ValueError("engine: section required (kind, model_path, device, dtype, max_batch_size)")
     engine = make_engine(config["engine"])
-    return [rollout_binding(RolloutServicer(engine, RolloutLimits.from_dict(config.get("limits"))))]
+    return [rollout_binding(RolloutServicer(engine, RolloutLimits.from_dict(config.get("limits")), owns_engine=True))]

@@ -275,3 +275,28 @@ def test_get_info_lists_parameters(client, engine):
     info = client.get_info(include_parameters=True)
     assert info.engine == "transformers" and info.vocab_size == engine.vocab_size and info.dtype == "float32"
     assert info.parameters["model.norm.weight"] == ("float32", (64,))
+
+
+def test_a_service_closes_only_the_engine_it_built(engine, monkeypatch):
+    """Server stop closes an engine built from the service's config (vLLM: its engine process and
+    /dev/shm weight file); a caller's engine is left alone."""
+    from covrl.services import rollout as R
+
+    class Closable:
+        def __init__(self, inner):
+            self.inner, self.closed = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def close(self):
+            self.closed += 1
+
+    shared = Closable(engine)
+    R.RolloutServicer(shared).close()
+    assert shared.closed == 0
+    built = Closable(engine)
+    monkeypatch.setattr("covrl.engines.make_engine", lambda cfg: built)
+    (binding,) = R.build_rollout({"engine": {"kind": "transformers"}})
+    binding.servicer.close()
+    assert built.closed == 1
