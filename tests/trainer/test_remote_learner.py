@@ -43,3 +43,13 @@ def test_remote_learner_settings_are_warned(remote_learner, tmp_path):
     assert out == said and len(said) == 1
     assert f"the learner at {srv.address} runs with its own config" in said[0]
     assert "learner.lr=2e-05 (the remote learner uses 1e-05)" in said[0]
+
+
+def test_measure_entropy_change_reaches_a_local_learner(tmp_path):
+    """learner.measure_entropy_change (the same-batch dH forward) is the trainer's to switch off."""
+    for value in (True, False):
+        cfg = load_config(None, [f"learner.measure_entropy_change={str(value).lower()}"])
+        learner = service_configs(cfg, "/m", str(tmp_path))["learner"]["learner"]
+        assert learner["measure_entropy_change"] is value
+    assert differing_settings({"measure_entropy_change": False}, {"measure_entropy_change": True}) == [
+        "learner.measure_entropy_change=False (the remote learner uses True)"]
