@@ -66,6 +66,8 @@ def _serve(args) -> int:
     argv = [args.service, "--host", args.host, "--port", str(args.port)]
     if args.config:
         argv += ["--config", args.config]
+    if args.token_env:
+        argv += ["--token-env", args.token_env]
     if args.insecure:
         argv.append("--insecure")
     return serve_main(argv) or 0
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--config")
+    s.add_argument("--token-env", metavar="NAME",
+                   help="require the shared token held by environment variable NAME (server.token_env)")
     s.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without TLS or a token (logs a warning)")
     s.set_defaults(fn=_serve)

@@ -1,4 +1,4 @@
-"""``python -m covrl.services <rollout|reward|learner> [--host H] [--port P] [--config cfg.yaml] [--insecure]``."""
+"""``python -m covrl.services <rollout|reward|learner> [--host H] [--port P] [--config cfg.yaml] [--token-env NAME] [--insecure]``."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="YAML config (see services/<name>/config.example.yaml)")
     ap.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback --host without TLS or a token (logs a warning)")
+    ap.add_argument("--token-env", default=None, metavar="NAME",
+                    help="require the shared token held by environment variable NAME (server.token_env)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.service, args.host, args.port, args.config, insecure=args.insecure)
+    serve(args.service, args.host, args.port, args.config, insecure=args.insecure, token_env=args.token_env)
     return 0
 
 

@@ -177,14 +177,18 @@ def build_bindings(name: str, config: dict) -> list[ServiceBinding]:
 
 
 def start(name: str, config: dict | None = None, host: str | None = None, port: int | None = None,
-          insecure: bool = False) -> RunningServer:
-    """Build service ``name`` from ``config`` and start it (non-blocking)."""
+          insecure: bool = False, token_env: str | None = None) -> RunningServer:
+    """Build service ``name`` from ``config`` and start it (non-blocking).
+
+    ``host`` / ``port`` / ``token_env`` (``--token-env``) override the config's ``server:`` keys."""
     config = dict(config or {})
     server_cfg = dict(config.get("server") or {})
     if host is not None:
         server_cfg["host"] = host
     if port is not None:
         server_cfg["port"] = port
+    if token_env:
+        server_cfg["token_env"] = token_env
     if insecure:  # --insecure: a non-loopback host without TLS or a token (warned at start)
         server_cfg["insecure"] = True
     server = ServerConfig.from_dict(server_cfg)
@@ -192,7 +196,7 @@ def start(name: str, config: dict | None = None, host: str | None = None, port: 
 
 
 def serve(name: str, host: str | None = None, port: int | None = None, config_path: str | None = None,
-          insecure: bool = False) -> None:
+          insecure: bool = False, token_env: str | None = None) -> None:
     """Start service ``name`` and block until SIGTERM / SIGINT, then stop gracefully.
 
     Under ``torchrun`` (``RANK`` > 0) the learner's other ranks serve nothing: they follow
@@ -205,7 +209,7 @@ def serve(name: str, host: str | None = None, port: int | None = None, config_pa
 
             serve_worker_rank(config)
             return
-        running = start(name, config, host, port, insecure)
+        running = start(name, config, host, port, insecure, token_env)
     except ValueError as e:  # a config mistake (ServiceConfigError, or a value a constructor rejected)
         where = f"{config_path}: " if config_path and str(config_path) not in str(e) else ""
         print(f"covrl {name}: config error: {where}{' '.join(str(e).split())}", file=sys.stderr, flush=True)

@@ -92,3 +92,42 @@ def test_check_config_resolves_model_paths(tiny_model):
         check_config("learner", {"learner": {"model": "./nothing-here"}})
     with pytest.raises(ServiceConfigError, match="learner: section required"):
         check_config("learner", {})
+
+
+def test_readme_network_command_runs_as_written(tmp_path):
+    """README: ``python -m covrl.services reward --config ... --host 0.0.0.0 --port P --token-env COVRL_TOKEN``
+    listens beyond loopback behind the token; without a token that command is refused, one line,
+    exit 2. Traffic goes to 127.0.0.1 only."""
+    import re
+    import signal
+
+    from covrl.client import ClientError, RewardClient, ScoreItem
+
+    cmd = [sys.executable, "-m", "covrl.services", "reward", "--config", example("reward"),
+           "--host", "0.0.0.0", "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "COVRL_TOKEN"}
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert refused.returncode == 2
+    assert "server.host: '0.0.0.0' is not a loopback address" in refused.stderr
+    proc = subprocess.Popen(cmd + ["--token-env", "COVRL_TOKEN"], cwd=ROOT, env={**env, "COVRL_TOKEN": "s3cret"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        for _ in range(200):  # bounded: the service prints its address once it serves
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"serving on [^:]+:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "the reward service did not start"
+        item = ScoreItem(task="arithmetic", prompt="2+2=", completion="\\boxed{4}", ground_truth="4")
+        with RewardClient(f"127.0.0.1:{port}", token="s3cret") as ok:
+            assert ok.score([item], timeout_s=60).results[0].reward == 1.0
+        with RewardClient(f"127.0.0.1:{port}", max_attempts=1) as anonymous, pytest.raises(ClientError) as e:
+            anonymous.score([item], timeout_s=30)
+        assert e.value.code.name == "UNAUTHENTICATED"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
