@@ -16,7 +16,7 @@ Map of the package (each subpackage's docstring maps its own modules):
 - ``learner/``      LearnerCore: one policy-gradient step, FSDP2, checkpoints
 - ``advantages.py`` advantage estimators (grpo, drgrpo, rloo, reinforce_pp) in a registry
 - ``trainer/``      the RL loop that drives the three services; local services, eval, resume
-- ``config.py``     the trainer's typed config: dataclasses, YAML, dotted overrides
+- ``config.py``     the trainer's typed config: dataclasses, YAML, dotted overrides; ``config_renames.py`` old key names
 - ``data.py``       prompts and ground truths: JSONL / Parquet files and built-in tasks
 - ``diagnostics.py`` the paper's diagnostics (R-H fit, predicted entropy change) and the controller
 - ``client/``       the client SDK: one client per service over a shared channel layer

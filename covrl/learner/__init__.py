@@ -6,6 +6,7 @@
 - ``batch.py``: :class:`Trajectory`, its validation, taking whole groups, packing into model inputs.
 - ``policy.py``: loading the policy model; forward passes to per-token log-probs and entropies.
 - ``distributed.py``: FSDP2 sharding, rank 0's command broadcast, the worker ranks' loop, all-reduces.
+- ``diagnostics.py``: the same-batch entropy change after the update and its Lemma-1 / Cov predictions.
 - ``checkpoint.py``: save and load of weights, optimizer and RNG states, step and weight version.
 - ``errors.py``: :class:`NonFiniteLossError`, :class:`NothingToTrainError`.
 """

@@ -6,6 +6,7 @@ local_services.py  services started as loopback subprocesses, their clients, rea
 supervised.py      the wrapper a local service runs under: it stops when the trainer dies
 fleet.py           the rollout fleet: healthy servers, failover of shards, re-admission
 recovery.py        lost services back, steps redone from a snapshot / checkpoint, stopping
+remote.py          a learner given by address: which trainer settings it does not share
 evaluation.py      held-out evaluation: pass@k of the current policy
 checkpoint.py      checkpoint / resume: trainer_state.json, RNG state, latest_checkpoint
 summary.py         summarize / format_summary: a run's first vs last step from its logs
