@@ -21,8 +21,8 @@ From the before/after log-probs and entropies of those tokens:
   (under natural PG on a tabular softmax ``d log pi(a|s) = eta * (A - E_pi A)`` exactly).
   It is measured from the update, not fitted on entropy changes.
 
-Cost: one no-grad forward of the batch after the update (about a third of a forward+backward
-epoch), plus, when ``mini_batch_size`` splits the batch and no scoring pass runs anyway, one
+Cost: one no-grad forward of the batch after the update (measured in the demo on 2 CPU cores:
+7-10 s against 10-12 s for the rest of the step's training, benchmarks/results/demo_step_diagnostics_cpu.md), plus, when ``mini_batch_size`` splits the batch and no scoring pass runs anyway, one
 before the update so that ``H_before`` and ``cov`` are the pre-update policy's (not a mix of
 pre- and mid-update weights). ``measure_entropy_change=False`` turns both off.
 """
