@@ -10,6 +10,9 @@
   the engine sizes the cache itself (``kv_cache_memory_bytes``): room for ``max_batch_size``
   sequences of ``max_model_len`` tokens, capped at ``kv_cache_max_ram_fraction`` of the
   available RAM. On a GPU ``gpu_memory_utilization`` applies unless the size is given.
+- Threads (CPU): ``cpu_threads`` (default 0: every core this process may use, or
+  ``OMP_NUM_THREADS`` of them) become vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own
+  ``auto`` (``-1``) keeps one core of the two here out of generation (:func:`bind_cpu_threads`).
 - Weights, in place, with vLLM's RL route: the engine writes the learner's HF-named tensors
   to one safetensors file in RAM-backed shared memory (``weights_dir``, ``/dev/shm``) and
   calls :class:`~covrl.engines.vllm_worker.WeightSyncExtension` on every worker by name
@@ -26,6 +29,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import logging
 import os
@@ -69,6 +73,62 @@ def _available_ram_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def bind_cpu_threads(cpu_threads: int) -> str:
+    """vLLM-CPU's OpenMP binding (``VLLM_CPU_OMP_THREADS_BIND``) for ``engine.cpu_threads``.
+
+    vLLM-CPU's own ``auto`` binding reserves one core for its scheduler; on a 2-core host
+    that halves the cores that generate (measured: 95 tok/s against 125 tok/s with both
+    cores bound, SmolLM2-135M bf16, benchmarks/results/rollout_engines_cpu.md). So by
+    default (``0``) covrl binds as many cores as ``OMP_NUM_THREADS`` names (the trainer sets
+    it when generation and training share the cores), else every core of this process's
+    affinity mask; ``N > 0`` binds the first N; ``-1`` keeps vLLM's ``auto``. A
+    ``VLLM_CPU_OMP_THREADS_BIND`` already in the environment always wins.
+    """
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    if not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool) or cpu_threads < -1:
+        raise ValueError(f"engine.cpu_threads: expected an int >= -1 (0 = all cores, -1 = vLLM's auto), "
+                         f"got {cpu_threads!r}")
+    if cpu_threads == -1:
+        return "auto"
+    cores = sorted(os.sched_getaffinity(0))
+    n = cpu_threads
+    if n == 0:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        n = int(omp) if omp.isdigit() and int(omp) > 0 else len(cores)
+    return ",".join(map(str, cores[:n]))
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """``os.environ[name] = value`` within the block (unchanged when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _start_llm(vllm, kwargs: dict, allow_raw_logprobs: bool):
+    """``(vllm.LLM, processed_logprobs)``: log-probs after temperature where this vLLM has it."""
+    try:
+        return vllm.LLM(logprobs_mode="processed_logprobs", **kwargs), True
+    except TypeError:  # vLLM without logprobs_mode
+        if not allow_raw_logprobs:
+            raise RuntimeError(
+                "engine: this vLLM has no logprobs_mode='processed_logprobs'; its log-probs would be raw "
+                "(before temperature). Upgrade vLLM or set allow_raw_logprobs: true"
+            ) from None
+        return vllm.LLM(**kwargs), False
 
 
 class VLLMEngine:
@@ -137,9 +197,7 @@ class VLLMEngine:
             want = per_token * max_model_len * max_batch_size
             cap = int(kv_cache_max_ram_fraction * _available_ram_bytes())
             kv_cache_memory_bytes = max(min(want, cap), 2 * per_token * max_model_len, 16 << 20)
-        if on_cpu and cpu_threads:
-            cores = sorted(os.sched_getaffinity(0))[:cpu_threads]
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        bind = bind_cpu_threads(cpu_threads) if on_cpu else None
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         kwargs = dict(
             model=model_path, dtype=dtype, max_num_seqs=max_batch_size, max_model_len=max_model_len, seed=seed,
@@ -153,17 +211,9 @@ class VLLMEngine:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs or {})
-        self.processed_logprobs = True
-        try:
-            self.llm = vllm.LLM(logprobs_mode="processed_logprobs", **kwargs)
-        except TypeError:  # vLLM without logprobs_mode
-            if not allow_raw_logprobs:
-                raise RuntimeError(
-                    "engine: this vLLM has no logprobs_mode='processed_logprobs'; its log-probs would be raw "
-                    "(before temperature). Upgrade vLLM or set allow_raw_logprobs: true"
-                ) from None
-            self.llm = vllm.LLM(**kwargs)
-            self.processed_logprobs = False
+        self.cpu_threads_bind = bind
+        with _env("VLLM_CPU_OMP_THREADS_BIND", bind):  # read when vLLM starts its engine process
+            self.llm, self.processed_logprobs = _start_llm(vllm, kwargs, allow_raw_logprobs)
         self.tokenizer = self.llm.get_tokenizer()
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf_config)

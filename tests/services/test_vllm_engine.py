@@ -102,6 +102,24 @@ def test_update_files_of_dead_engines_are_removed(tmp_path):
     assert mine.exists() and other.exists() and not stale.exists()
 
 
+def test_cpu_threads_bind_every_allowed_core_by_default(monkeypatch):
+    from covrl.engines.vllm_engine import bind_cpu_threads
+
+    cores = sorted(os.sched_getaffinity(0))
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bind_cpu_threads(0) == ",".join(map(str, cores))  # no core reserved
+    assert bind_cpu_threads(1) == str(cores[0])
+    assert bind_cpu_threads(-1) == "auto"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trainer's share when generation and training overlap
+    assert bind_cpu_threads(0) == str(cores[0])
+    for bad in (-2, 1.5, "2", True):
+        with pytest.raises(ValueError, match="engine.cpu_threads"):
+            bind_cpu_threads(bad)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's own binding wins
+    assert bind_cpu_threads(0) == "0"
+
+
 @needs_vllm
 def test_info_names_the_real_device_and_kv_cache_is_sized_from_the_config(engine):
     from covrl.engines.vllm_engine import kv_cache_bytes_per_token
