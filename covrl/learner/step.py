@@ -13,7 +13,9 @@ Algorithm of :meth:`LearnerCore.train_step` (top to bottom):
    ``entropy_top_quantile > 0``, or ``measure_entropy_change`` with ``mini_batch_size``
    splitting the batch): log-probs and exact entropies under the current weights.
    They become PPO's old log-probs (``recompute_old_logprobs``) and define the 80/20
-   token set. Otherwise the old log-probs are the behaviour log-probs.
+   token set. Otherwise the old log-probs are the behaviour log-probs. With one update
+   per step (``ppo_epochs=1``, one mini-batch) ``recompute_old_logprobs`` needs no
+   scoring pass: each micro-batch's training forward, detached, is the old log-probs.
 4. **Update.** For ``ppo_epochs`` epochs, shuffle (seeded) and split into mini-batches of
    ``mini_batch_size`` trajectories; one AdamW step per mini-batch, gradients accumulated
    over micro-batches of ``micro_batch_size``. Per micro-batch: ``covrl.logprob_entropy``
@@ -116,7 +118,8 @@ class StepTensors:
     measured: bool = False  # the scoring pass ran: meas_lp / meas_ent are the pre-update ones
     meas_lp: torch.Tensor | None = None  # [N, C] measured log-probs (metrics; old when recomputed)
     meas_ent: torch.Tensor | None = None  # [N, C] measured entropies
-    old: torch.Tensor | None = None  # [N, C] PPO's old log-probs
+    old: torch.Tensor | None = None  # [N, C] PPO's old log-probs (None with old_from_forward)
+    old_from_forward: bool = False  # old log-probs = the training forward's, detached (one update per step)
     train_mask: torch.Tensor | None = None  # [N, C] tokens in the loss (80/20: the top entropies)
     loss_scale_factor: float = 0.0
 
@@ -181,13 +184,15 @@ def score(core: LearnerCore, cfg: LearnerConfig, s: StepTensors) -> None:
     # measure_entropy_change needs the pre-update policy on every row; with several mini-batches
     # the first epoch's forwards would mix pre- and mid-update weights, so score first
     split = (cfg.mini_batch_size or n) < n
-    measured = recompute or cfg.entropy_top_quantile > 0 or (cfg.measure_entropy_change and split)
+    s.old_from_forward = recompute and old_from_forward(cfg, split)
+    measured = ((recompute and not s.old_from_forward) or cfg.entropy_top_quantile > 0
+                or (cfg.measure_entropy_change and split))
     if measured:
         meas_lp, meas_ent = scoring_pass(core, s.batch, n, c_max)
     else:
         meas_lp = torch.zeros(n, c_max, device=dev)
         meas_ent = torch.zeros(n, c_max, device=dev)
-    old = meas_lp if recompute else s.behaviour  # [N, C]
+    old = None if s.old_from_forward else meas_lp if recompute else s.behaviour  # [N, C]; None: each forward's own
     train_mask = resp_mask
     if cfg.entropy_top_quantile > 0:
         ents = meas_ent[resp_mask]
@@ -201,6 +206,14 @@ def score(core: LearnerCore, cfg: LearnerConfig, s: StepTensors) -> None:
         train_mask[resp_mask] = keep
     s.measured, s.meas_lp, s.meas_ent, s.old, s.train_mask = measured, meas_lp, meas_ent, old, train_mask
     s.loss_scale_factor = cfg.loss_scale_factor or float(c_max)
+
+
+def old_from_forward(cfg: LearnerConfig, split: bool) -> bool:
+    """One update per step (one epoch, one mini-batch): the weights do not change before the
+    last micro-batch's backward, so each training forward's own detached log-probs are the
+    recomputed old ones and a scoring pass would only repeat that forward (TRL does the same
+    with ``num_iterations=1``). The 80/20 token set needs the entropies first."""
+    return cfg.ppo_epochs == 1 and not split and cfg.entropy_top_quantile == 0
 
 
 # ---------------------------------------------------------------------- 4. update
@@ -267,7 +280,8 @@ def selection(core: LearnerCore, cfg: LearnerConfig, s: StepTensors, chunks, see
 
 def _compute_selection(core: LearnerCore, compute, cfg: LearnerConfig, s: StepTensors, lp, rows, seed):
     return compute(
-        lp, s.old[rows], s.adv[rows][:, None].expand_as(lp), s.train_mask[rows], mode=cfg.loss_mode,
+        lp, lp if s.old is None else s.old[rows], s.adv[rows][:, None].expand_as(lp), s.train_mask[rows],
+        mode=cfg.loss_mode,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_cov_fraction=cfg.clip_cov_fraction,
         clip_cov_lb=cfg.clip_cov_lb, clip_cov_ub=cfg.clip_cov_ub, kl_cov_fraction=cfg.kl_cov_fraction,
         seed=seed, process_group=dist.group.WORLD if core.world_size > 1 else None,
@@ -291,7 +305,7 @@ def micro_batch(core: LearnerCore, cfg: LearnerConfig, s: StepTensors, tally: Ta
     c = pk.labels.shape[1]
     lp, ent = logits_lp_ent(core, pk)  # [b, c]
     m_train = s.train_mask[rows, :c]
-    old_c = s.old[rows, :c]
+    old_c = torch.where(m_train, lp.detach(), 0.0) if s.old is None else s.old[rows, :c]
     is_w = None
     if cfg.tis_cap > 0:
         is_w = torch.exp(old_c - s.behaviour[rows, :c]).clamp(max=cfg.tis_cap)

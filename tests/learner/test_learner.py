@@ -282,3 +282,38 @@ def test_checkpoint_roundtrip_and_resume_equality(tmp_path, batch, make_batch):
     assert m_a | {"time_s": 0} == m_r | {"time_s": 0}
     wr = weights(r)
     assert all(torch.equal(wa2, wr[k]) for k, wa2 in weights(a).items())
+
+
+@pytest.mark.parametrize("mode,micro", [("kl_cov", 8), ("clip_cov", 2), ("ppo", 3)])
+def test_one_update_per_step_takes_the_old_logprobs_from_its_own_forward(batch, monkeypatch, mode, micro):
+    # recompute_old_logprobs with one update per step: no scoring pass, and the same update as with one
+    from covrl.learner import policy, step
+
+    kw = dict(loss_mode=mode, kl_cov_fraction=0.1, clip_cov_fraction=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0,
+              recompute_old_logprobs=True, micro_batch_size=micro, adam_eps=1.0, lr=1.0, shuffle=False)
+    calls = []
+    real_pass, real_off = policy.scoring_pass, step.old_from_forward
+    monkeypatch.setattr(step, "scoring_pass", lambda *a: calls.append(1) or real_pass(*a))
+    a = core(measure_entropy_change=False, **kw)
+    a.submit(batch)
+    ma = a.train_step()
+    assert calls == []  # no extra forward
+    monkeypatch.setattr(step, "old_from_forward", lambda cfg, split: False)  # the scoring pass, as before
+    b = core(measure_entropy_change=False, **kw)
+    b.submit(batch)
+    mb = b.train_step()
+    assert calls == [1]
+    assert ma["clip_frac"] == mb["clip_frac"] == 0.0 and ma["abs_delta_logp"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("loss", "entropy", "cov", "selected_frac", "approx_kl"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), key
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+    # two epochs or several mini-batches update before the last forward: the scoring pass runs
+    for extra in ({"ppo_epochs": 2}, {"mini_batch_size": 4}):
+        calls.clear()
+        monkeypatch.setattr(step, "old_from_forward", real_off)
+        c = core(measure_entropy_change=False, **{**kw, **extra})
+        c.submit(batch)
+        c.train_step()
+        assert calls == [1], extra
