@@ -1,4 +1,4 @@
-"""The dtype the trainer fetches the learner's weights in before pushing them to the fleet."""
+"""Rollout settings of the trainer: the dtype it fetches the weights to push in, rollout.dtype, a missing vLLM."""
 
 from __future__ import annotations
 
@@ -60,3 +60,19 @@ def test_rollout_dtype_sets_the_local_engines_apart_from_the_learners():
     assert rollout_engine_config(load_config("configs/demo.yaml", []), "m", "cpu")["dtype"] == "float32"
     with pytest.raises(ConfigError, match="rollout.dtype"):
         load_config("configs/demo.yaml", ["rollout.dtype=bf16"])
+
+
+def test_a_local_vllm_engine_without_vllm_is_a_config_error_naming_the_fallback(monkeypatch, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from covrl.config import ConfigError, load_config
+    from covrl.trainer.local_services import LocalServices
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cfg = load_config("configs/demo.yaml", ["rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match=r"rollout.engine: 'vllm' needs vLLM.*rollout.engine=transformers"):
+        LocalServices(cfg, str(tmp_path), ["rollout", "reward"], {})
+    LocalServices(cfg, str(tmp_path), ["reward"], {})  # a remote rollout server: nothing to check here
