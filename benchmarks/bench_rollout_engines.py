@@ -79,6 +79,7 @@ def bench_vllm(model: str, dtype: str, ps_fn, repeats: int) -> dict:
         res = time_generation(eng, ps_fn(eng.tokenizer), repeats, procs)
         res["start_s"] = start_s
         res["affinity"] = sorted({c for p in procs for c in p.cpu_affinity()})
+        res["bind"] = eng.cpu_threads_bind
         res["update"] = bench_update(eng, model, ps_fn(eng.tokenizer)[:1], repeats)
     finally:
         eng.close()
@@ -177,7 +178,7 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
     for dtype in ("float32", "bfloat16"):
         v, t = gen[("vllm", dtype)], gen[("transformers", dtype)]
         lines.append(f"| vllm | {dtype} | {v['wall_s']:.2f} | {v['tokens']} | {v['tok_s']:.0f} | {v['cores']:.2f} | "
-                     f"vLLM's own (process affinity {v['affinity']}) | {v['tok_s'] / t['tok_s']:.2f} |")
+                     f"OpenMP bound to cores {v['bind']} (engine.cpu_threads=0) | {v['tok_s'] / t['tok_s']:.2f} |")
         lines.append(f"| transformers | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
                      f"{t['cores']:.2f} | torch {t['threads']} | 1.00 |")
         if ("transformers*", dtype) in gen:

