@@ -154,6 +154,8 @@ class LearnerConfig:
     micro_batch_size: int = _f(8, "samples per forward/backward (gradient accumulation)", ge=1)
     recompute_old_logprobs: bool = _f(False, "recompute pi_old on the learner instead of trusting the "
                                       "rollout engine's behaviour log-probs")
+    padding_free: bool = _f(False, "the learner's forwards without padding: a micro-batch's sequences "
+                            "concatenated into one (TRL's padding_free); checked at start")
     measure_entropy_change: bool = _f(True, "same-batch entropy change + its Lemma-1 / Cov predictions: one "
                                       "extra no-grad forward per step (docs/trainer.md)")
     timeout_s: float = _f(1800.0, "deadline of one Train call, seconds", gt=0.0)

@@ -360,6 +360,8 @@ class VLLMEngine:
             self._version = new
             self.last_update_s = {"prepare_s": t1 - t0, "stage_s": t2 - t1, "load_s": t3 - t2,
                                   "total_s": time.perf_counter() - t0}
+            log.info("weights: version %d loaded in %.2f s (prepare %.2f, stage to %s %.2f, vLLM load %.2f)",
+                     new, self.last_update_s["total_s"], t1 - t0, self.weights_dir, t2 - t1, t3 - t2)
             return new
 
     def _restore_after_failure(self, exc: BaseException) -> None:

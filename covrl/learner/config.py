@@ -27,6 +27,9 @@ class LearnerConfig:
     dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 | float16")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK when available)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    padding_free: bool = _f(False, "each forward runs the micro-batch's sequences concatenated into one, "
+                            "with no padding (TRL's padding_free, verl's use_remove_padding); checked "
+                            "against the padded forward when the learner starts")
     # --- optimisation
     lr: float = _f(1e-6, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")

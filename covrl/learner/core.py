@@ -20,7 +20,7 @@ from covrl.learner.batch import (
 )
 from covrl.learner.config import LearnerConfig, step_config
 from covrl.learner.errors import NothingToTrainError
-from covrl.learner.policy import build_policy, resolve_device, scoring_pass
+from covrl.learner.policy import build_policy, check_padding_free, resolve_device, scoring_pass
 
 log = logging.getLogger("covrl.learner")
 
@@ -45,6 +45,8 @@ class LearnerCore:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         model = build_policy(config, model, self.device)
+        if config.padding_free:
+            check_padding_free(model, self.device)
         self.vocab_size = int(model.config.vocab_size)
         self.max_len = getattr(model.config, "max_position_embeddings", None)
         if self.world_size > 1:

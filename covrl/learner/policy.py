@@ -56,7 +56,10 @@ def build_policy(config: LearnerConfig, model, device: torch.device):
 
 
 def logits_lp_ent(core, pk: Packed):
-    """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens."""
+    """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens (0 where padded with
+    ``padding_free``)."""
+    if core.config.padding_free:
+        return padding_free_lp_ent(core.policy, pk, core.config.temperature)
     c = pk.labels.shape[1]
     out = core.policy(
         input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
@@ -64,6 +67,51 @@ def logits_lp_ent(core, pk: Packed):
     )
     logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
     return covrl.logprob_entropy(logits, pk.labels, temperature=core.config.temperature)
+
+
+def padding_free_lp_ent(model, pk: Packed, temperature: float):
+    """:func:`logits_lp_ent` without padding: the rows' real tokens concatenated into one
+    sequence whose ``position_ids`` restart at 0 per row (transformers then masks attention
+    block-causally, see :func:`check_padding_free`), logits only where a completion token is
+    predicted. With completions of very different lengths most of a padded batch is padding
+    (16 demo samples: ~45-token prompts, completions of 15-64 tokens padded to 64)."""
+    b, width = pk.input_ids.shape
+    real = pk.attention_mask.bool()
+    ids, pos = pk.input_ids[real][None], pk.position_ids[real][None]  # [1, T]
+    flat = (real.reshape(-1).cumsum(0) - 1).reshape(b, width)  # flat index of each real token
+    p = width - pk.labels.shape[1]
+    keep = flat[:, p - 1: width - 1][pk.mask]  # [K]: the position predicting each completion token
+    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    lp, ent = covrl.logprob_entropy(out.logits, pk.labels[pk.mask][None], temperature=temperature)  # [1, K]
+    zeros = torch.zeros(pk.mask.shape, dtype=lp.dtype, device=lp.device)
+    return zeros.masked_scatter(pk.mask, lp[0]), zeros.masked_scatter(pk.mask, ent[0])
+
+
+def check_padding_free(model, device) -> None:
+    """Refuse ``padding_free`` for a model whose attention would let packed rows see each other.
+
+    Two sequences of different lengths, padded and packed: their log-probs must agree. A
+    model (or attention implementation) that ignores restarting ``position_ids`` fails this."""
+    from covrl.learner.batch import Trajectory, pack
+
+    g = torch.Generator().manual_seed(0)
+    vocab = int(model.config.vocab_size)
+    trajs = [Trajectory(torch.randint(0, vocab, (n_p,), generator=g).tolist(),
+                        torch.randint(0, vocab, (n_c,), generator=g).tolist(), [0.0] * n_c, 0.0)
+             for n_p, n_c in ((5, 7), (9, 3))]
+    pk = pack(trajs, device)
+    with torch.no_grad():
+        out = model(input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
+                    logits_to_keep=pk.labels.shape[1] + 1, use_cache=False)
+        ref, _ = covrl.logprob_entropy(out.logits[:, :-1].float(), pk.labels)
+        got, _ = padding_free_lp_ent(model, pk, 1.0)
+    err = float((torch.where(pk.mask, ref - got, 0.0)).abs().max())
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not err <= tol:
+        raise ValueError(
+            f"learner.padding_free: {type(model).__name__} with attn_implementation="
+            f"{getattr(model.config, '_attn_implementation', '?')!r} does not keep packed sequences apart "
+            f"(log-probs differ from the padded batch by {err:.3g}); set padding_free: false")
 
 
 def scoring_pass(core, batch, n, c_max):

@@ -317,3 +317,31 @@ def test_one_update_per_step_takes_the_old_logprobs_from_its_own_forward(batch, 
         c.submit(batch)
         c.train_step()
         assert calls == [1], extra
+
+
+def test_padding_free_forwards_are_exact_and_train_the_same(batch):
+    c = core(temperature=0.7, micro_batch_size=8, padding_free=True)
+    lps, ents = c.logprobs(batch)  # the rows concatenated into one sequence, no padding
+    for t, lp, ent in zip(batch, lps, ents, strict=True):
+        ref_lp, ref_ent = single_logprobs(c.policy, t, 0.7)
+        torch.testing.assert_close(torch.tensor(lp), ref_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(ent), ref_ent, atol=1e-5, rtol=0)
+    kw = dict(loss_mode="kl_cov", kl_cov_fraction=0.1, adam_eps=1.0, lr=1.0, shuffle=False, entropy_coef=0.01,
+              micro_batch_size=3, recompute_old_logprobs=True)
+    a, b = core(padding_free=True, **kw), core(**kw)
+    for x in (a, b):
+        x.submit(batch)
+    ma, mb = a.train_step(), b.train_step()
+    for key in ("loss", "entropy", "cov", "selected_frac", "entropy_delta"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_is_refused_for_a_model_whose_packed_rows_would_see_each_other(monkeypatch):
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # as if unsupported
+    with pytest.raises(ValueError, match="learner.padding_free: .* does not keep packed sequences apart"):
+        core(padding_free=True)
