@@ -138,11 +138,16 @@ class LocalServices:
             self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self._env,
                                                 start_new_session=True)
         self.addresses[name] = f"{host}:{port}"
-        what = ""
-        if self.kind(name) == "rollout":
-            eng = self.configs["rollout"]["engine"]
-            what = f" (engine {eng['kind']}, {eng['dtype']}; rollout.engine / rollout.dtype)"
-        _log(f"started local {name} service{what} (pid {self.procs[name].pid}) on {host}:{port}; log {log_path}")
+        _log(f"started local {name} service{self._engine_words(name)} (pid {self.procs[name].pid}) on "
+             f"{host}:{port}; log {log_path}")
+
+    def _engine_words(self, name: str) -> str:
+        """`` (engine vllm, float32; ...)`` for a rollout instance whose config names them, else ``""``."""
+        eng = self.configs.get("rollout", {}).get("engine") if self.kind(name) == "rollout" else None
+        if not isinstance(eng, dict) or "kind" not in eng:
+            return ""
+        dtype = f", {eng['dtype']}" if eng.get("dtype") else ""
+        return f" (engine {eng['kind']}{dtype}; rollout.engine / rollout.dtype)"
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid

@@ -212,8 +212,8 @@ def _wait_steps(run, n, p, timeout_s=240):
 
 
 def _service_pids(lines) -> list[int]:
-    return [int(m.group(1)) for line in lines for m in [re.search(r"started local \S+ service \(pid (\d+)\)", line)]
-            if m]
+    started = re.compile(r"started local \S+ service(?: \([^)]*\))? \(pid (\d+)\)")  # (engine ...) on rollout
+    return [int(m.group(1)) for line in lines for m in [started.search(line)] if m]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

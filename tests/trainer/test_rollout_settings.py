@@ -76,3 +76,16 @@ def test_a_local_vllm_engine_without_vllm_is_a_config_error_naming_the_fallback(
     with pytest.raises(ConfigError, match=r"rollout.engine: 'vllm' needs vLLM.*rollout.engine=transformers"):
         LocalServices(cfg, str(tmp_path), ["rollout", "reward"], {})
     LocalServices(cfg, str(tmp_path), ["reward"], {})  # a remote rollout server: nothing to check here
+
+
+def test_the_local_rollout_start_line_names_its_engine(tmp_path):
+    from covrl.config import load_config
+    from covrl.trainer.local_services import LocalServices, rollout_engine_config
+
+    cfg = load_config("configs/demo.yaml", ["rollout.engine=transformers", "rollout.dtype=bfloat16"])
+    ls = LocalServices(cfg, str(tmp_path), ["rollout", "reward"],
+                       {"rollout": {"engine": rollout_engine_config(cfg, "m", "cpu")}, "reward": {}})
+    assert ls._engine_words("rollout") == " (engine transformers, bfloat16; rollout.engine / rollout.dtype)"
+    assert ls._engine_words("reward") == ""
+    ls.configs = {"rollout": {"engine": {"kind": "fake"}}}  # a test's fake engine names no dtype
+    assert ls._engine_words("rollout") == " (engine fake; rollout.engine / rollout.dtype)"
