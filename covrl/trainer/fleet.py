@@ -51,7 +51,7 @@ class Server:
     backoff_s: float = 0.5
     in_flight: int = 0
     floor: int = -1  # after a learner restart: the version it held, newer than the learner's (not admissible)
-    dtype: str | None = None  # its engine's dtype (GetInfo), known since its last admission
+    dtype: str | None = None  # its engine's dtype from GetInfo, cached by push_dtype; cleared when it goes down
 
     @property
     def address(self) -> str:
