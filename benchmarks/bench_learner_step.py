@@ -34,7 +34,7 @@ import time
 import torch
 from machine_info import cpu
 
-from covrl.learner import policy, step
+from covrl.learner import step
 from covrl.learner.batch import Trajectory
 from covrl.learner.core import LearnerCore
 
