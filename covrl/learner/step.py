@@ -118,8 +118,7 @@ class StepTensors:
     measured: bool = False  # the scoring pass ran: meas_lp / meas_ent are the pre-update ones
     meas_lp: torch.Tensor | None = None  # [N, C] measured log-probs (metrics; old when recomputed)
     meas_ent: torch.Tensor | None = None  # [N, C] measured entropies
-    old: torch.Tensor | None = None  # [N, C] PPO's old log-probs (None with old_from_forward)
-    old_from_forward: bool = False  # old log-probs = the training forward's, detached (one update per step)
+    old: torch.Tensor | None = None  # [N, C] PPO's old log-probs; None: each forward's own (old_from_forward)
     train_mask: torch.Tensor | None = None  # [N, C] tokens in the loss (80/20: the top entropies)
     loss_scale_factor: float = 0.0
 
@@ -184,15 +183,15 @@ def score(core: LearnerCore, cfg: LearnerConfig, s: StepTensors) -> None:
     # measure_entropy_change needs the pre-update policy on every row; with several mini-batches
     # the first epoch's forwards would mix pre- and mid-update weights, so score first
     split = (cfg.mini_batch_size or n) < n
-    s.old_from_forward = recompute and old_from_forward(cfg, split)
-    measured = ((recompute and not s.old_from_forward) or cfg.entropy_top_quantile > 0
+    from_forward = recompute and old_from_forward(cfg, split)
+    measured = ((recompute and not from_forward) or cfg.entropy_top_quantile > 0
                 or (cfg.measure_entropy_change and split))
     if measured:
         meas_lp, meas_ent = scoring_pass(core, s.batch, n, c_max)
     else:
         meas_lp = torch.zeros(n, c_max, device=dev)
         meas_ent = torch.zeros(n, c_max, device=dev)
-    old = None if s.old_from_forward else meas_lp if recompute else s.behaviour  # [N, C]; None: each forward's own
+    old = None if from_forward else meas_lp if recompute else s.behaviour  # [N, C]
     train_mask = resp_mask
     if cfg.entropy_top_quantile > 0:
         ents = meas_ent[resp_mask]
