@@ -154,6 +154,10 @@ class LearnerConfig:
     micro_batch_size: int = _f(8, "samples per forward/backward (gradient accumulation)", ge=1)
     recompute_old_logprobs: bool = _f(False, "recompute pi_old on the learner instead of trusting the "
                                       "rollout engine's behaviour log-probs")
+    autocast_dtype: str = _f("none", "mixed precision: the learner's forwards and backwards under "
+                             "torch.autocast in bfloat16, weights and AdamW state in model.dtype float32, "
+                             "LM head and log-probs float32 (CUDA, or CPUs with AVX-512 bf16 / AMX); "
+                             "pair with recompute_old_logprobs", choices=("none", "bfloat16"))
     padding_free: bool = _f(False, "the learner's forwards without padding: a micro-batch's sequences "
                             "concatenated into one (TRL's padding_free); checked at start")
     measure_entropy_change: bool = _f(True, "same-batch entropy change + its Lemma-1 / Cov predictions: one "
@@ -409,6 +413,9 @@ def _check_semantics(cfg: TrainConfig) -> None:
     if cfg.learner.mini_batch_size and cfg.learner.mini_batch_size > batch:
         raise ConfigError(f"learner.mini_batch_size ({cfg.learner.mini_batch_size}) exceeds the batch "
                           f"(rollout.prompts_per_step * rollout.n_samples = {batch})")
+    if cfg.learner.autocast_dtype != "none" and cfg.model.dtype != "float32":
+        raise ConfigError(f"learner.autocast_dtype={cfg.learner.autocast_dtype} needs model.dtype=float32 (the "
+                          f"weights autocast keeps), got model.dtype={cfg.model.dtype}")
     if (cfg.services.tls_cert or cfg.services.tls_key) and not cfg.services.tls_ca:
         raise ConfigError("services.tls_ca: required when services.tls_cert / tls_key are given")
     for name in ("tls_ca", "tls_cert", "tls_key"):

@@ -26,6 +26,10 @@ class LearnerConfig:
     model: str = _f("", "HF model directory (or hub-style id already in the local cache) of the policy")
     dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 | float16")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK when available)")
+    autocast_dtype: str = _f("none", "none | bfloat16: run the forwards and backwards under torch.autocast in "
+                             "this dtype, weights, gradients and AdamW state staying in dtype float32 "
+                             "(mixed precision); the LM head and log-probs stay float32. Pair it with "
+                             "recompute_old_logprobs: the rollout engine's log-probs come from other numerics")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     padding_free: bool = _f(False, "each forward runs the micro-batch's sequences concatenated into one, "
                             "with no padding (TRL's padding_free, verl's use_remove_padding); checked "
@@ -101,6 +105,11 @@ class LearnerConfig:
                 raise ValueError(f"learner config {name} must be {what}, got {getattr(self, name)!r}")
 
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "float32 | bfloat16 | float16")
+        need(self.autocast_dtype in ("none", "bfloat16"), "autocast_dtype",
+             "none | bfloat16 (float16 would need loss scaling, which covrl does not do)")
+        need(self.autocast_dtype == "none" or self.dtype == "float32", "autocast_dtype",
+             "none when dtype is not float32 (autocast keeps float32 master weights; a bfloat16 model "
+             "already computes in bfloat16)")
         need(math.isfinite(self.lr) and self.lr >= 0, "lr", ">= 0")
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0")
         need(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1, "micro_batch_size", ">= 1")

@@ -3,6 +3,7 @@ log-probs and entropies of the completion tokens, including the no-grad scoring 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,8 @@ def build_policy(config: LearnerConfig, model, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=DTYPES[config.dtype])
     model = model.to(device=device, dtype=DTYPES[config.dtype])
     disable_dropout(model)  # log-probs must match the rollout engine's
+    if config.autocast_dtype != "none":
+        keep_head_float32(model)
     if config.gradient_checkpointing:
         # The current API: non-reentrant checkpointing named explicitly (torch's reentrant default
         # is deprecated) and no KV cache in training (else transformers warns and turns it off).
@@ -55,21 +58,48 @@ def build_policy(config: LearnerConfig, model, device: torch.device):
     return model
 
 
+def keep_head_float32(model) -> None:
+    """Make the LM head compute in float32 even under autocast.
+
+    Log-probs over a 50k-token vocabulary from bfloat16 logits are off by ~0.1; the head's
+    matmul is a small share of the model's. The head keeps its parameters (and so its state
+    dict names and any tying with the embedding): only this instance's ``forward`` changes."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"learner config autocast_dtype: {type(model).__name__} has no output embedding "
+                         "(LM head) to keep in float32; set autocast_dtype: none")
+    inner = head.forward
+
+    def forward(hidden, *args, **kwargs):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return inner(hidden.float(), *args, **kwargs)
+
+    head.forward = forward
+
+
+def autocast(core):
+    """The context the policy's forwards run in: ``torch.autocast`` at ``autocast_dtype``, or none."""
+    if core.config.autocast_dtype == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(core.device.type, dtype=DTYPES[core.config.autocast_dtype])
+
+
 def logits_lp_ent(core, pk: Packed):
     """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens (0 where padded with
     ``padding_free``)."""
     if core.config.padding_free:
-        return padding_free_lp_ent(core.policy, pk, core.config.temperature)
+        return padding_free_lp_ent(core.policy, pk, core.config.temperature, autocast(core))
     c = pk.labels.shape[1]
-    out = core.policy(
-        input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
-        logits_to_keep=c + 1, use_cache=False,
-    )
+    with autocast(core):
+        out = core.policy(
+            input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
+            logits_to_keep=c + 1, use_cache=False,
+        )
     logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
     return covrl.logprob_entropy(logits, pk.labels, temperature=core.config.temperature)
 
 
-def padding_free_lp_ent(model, pk: Packed, temperature: float):
+def padding_free_lp_ent(model, pk: Packed, temperature: float, context=None):
     """:func:`logits_lp_ent` without padding: the rows' real tokens concatenated into one
     sequence whose ``position_ids`` restart at 0 per row (transformers then masks attention
     block-causally, see :func:`check_padding_free`), logits only where a completion token is
@@ -81,7 +111,8 @@ def padding_free_lp_ent(model, pk: Packed, temperature: float):
     flat = (real.reshape(-1).cumsum(0) - 1).reshape(b, width)  # flat index of each real token
     p = width - pk.labels.shape[1]
     keep = flat[:, p - 1: width - 1][pk.mask]  # [K]: the position predicting each completion token
-    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    with context or contextlib.nullcontext():
+        out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
     lp, ent = covrl.logprob_entropy(out.logits, pk.labels[pk.mask][None], temperature=temperature)  # [1, K]
     zeros = torch.zeros(pk.mask.shape, dtype=lp.dtype, device=lp.device)
     return zeros.masked_scatter(pk.mask, lp[0]), zeros.masked_scatter(pk.mask, ent[0])

@@ -48,7 +48,7 @@ def service_configs(cfg: TrainConfig, model_path: str, run_dir: str, resume_from
         kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, entropy_top_quantile=a.entropy_top_quantile,
         recompute_old_logprobs=off_policy, tis_cap=a.tis_cap if off_policy else 0.0,
         temperature=cfg.rollout.temperature, measure_entropy_change=lr.measure_entropy_change,
-        padding_free=lr.padding_free,
+        padding_free=lr.padding_free, autocast_dtype=lr.autocast_dtype,
     )
     learner_cfg = {"learner": learner, "checkpoint_dir": os.path.join(run_dir, "checkpoints")}
     if resume_from:
