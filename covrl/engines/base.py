@@ -16,6 +16,19 @@ import torch
 FINISH_REASONS = ("stop", "length")
 
 
+def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """True when no element is NaN or +-Inf.
+
+    Fast path: any NaN/Inf makes the sum NaN/Inf, and a plain sum is ~10x faster than
+    ``isfinite`` on CPU. Only when the sum is not finite (a bad value, or a finite overflow)
+    does the exact blockwise ``isfinite`` decide.
+    """
+    if math.isfinite(float(t.sum())):
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
+
+
 class StaleWeightVersion(ValueError):
     """An update asked for a weight version that is not newer than the current one."""
 

@@ -24,7 +24,14 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion, processed_logprobs
+from covrl.engines.base import (
+    PromptResult,
+    Sample,
+    SamplingParams,
+    StaleWeightVersion,
+    all_finite,
+    processed_logprobs,
+)
 
 
 class GenerationCancelled(RuntimeError):
@@ -127,6 +134,8 @@ class TransformersEngine:
                 raise ValueError(f"tensors[{name!r}]: not a parameter of the model")
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"tensors[{name!r}].shape: expected {list(p.shape)}, got {list(t.shape)}")
+            if t.is_floating_point() and not all_finite(t):
+                raise ValueError(f"tensors[{name!r}]: contains NaN or inf")
         with self._lock:
             new = self._version + 1 if version == 0 else int(version)
             if new <= self._version:

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion
+from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion, all_finite
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class VLLMEngine:
                 raise ValueError(f"tensors[{name!r}]: not a parameter of the model")
             if tuple(t.shape) != spec[1]:
                 raise ValueError(f"tensors[{name!r}].shape: expected {list(spec[1])}, got {list(t.shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 raise ValueError(f"tensors[{name!r}]: contains NaN or inf")
         out = {n: t.detach().to(device="cpu", dtype=DTYPE[self.dtype]).contiguous() for n, t in tensors.items()}
         if self.tied_embeddings and "lm_head.weight" in out:  # vLLM loads the embedding, lm_head follows it

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from covrl._proto.v1 import rollout_pb2
+from covrl.engines.base import all_finite
 from covrl.services.common import InvalidArgument, ResourceExhausted
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20  # fastest of 1/4/16 MiB in two idle loopback runs (benchmarks/results/services_cpu.md)
@@ -214,7 +215,7 @@ class TensorAssembler:
                 raise InvalidArgument(f"TensorChunk[{_shown(name)}].data",
                                       f"incomplete: got {p.received} of {p.nbytes} bytes")
             out[name] = t = _tensor_from_bytes(p, writable)
-            if t.is_floating_point() and not _all_finite(t):
+            if t.is_floating_point() and not all_finite(t):
                 raise InvalidArgument(f"TensorChunk[{_shown(name)}].data", "holds NaN or Inf values")
         return out
 
@@ -240,19 +241,6 @@ def _tensor_from_bytes(p: _Pending, writable: bool) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(data, dtype=torch.uint8)
     return flat.view(p.dtype).reshape(p.shape)
-
-
-def _all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
-    """True when no element is NaN or +-Inf.
-
-    Fast path: any NaN/Inf makes the sum NaN/Inf, and a plain sum is ~10x faster than
-    ``isfinite`` on CPU. Only when the sum is not finite (a bad value, or a finite overflow)
-    does the exact blockwise ``isfinite`` decide.
-    """
-    if math.isfinite(float(t.sum())):
-        return True
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
 
 
 def encode_chunk(

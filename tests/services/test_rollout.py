@@ -89,7 +89,13 @@ def test_engine_weight_update_is_validated_and_versions_increase(engine, tokeniz
         engine.update_weights(new, 5)
     with pytest.raises(ValueError, match="shape"):
         engine.update_weights({"model.norm.weight": torch.ones(3)}, 6)
+    other = tiny_causal_lm(len(tokenizer), seed=10).state_dict()
+    bad = {**other, "model.norm.weight": torch.full_like(new["model.norm.weight"], float("inf"))}
+    with pytest.raises(ValueError, match=r"tensors\['model.norm.weight'\]: contains NaN or inf"):
+        engine.update_weights(bad, 6)  # checked before anything is copied
     assert engine.weight_version == 5
+    assert torch.equal(engine.model.get_parameter("model.layers.0.mlp.up_proj.weight"),
+                       new["model.layers.0.mlp.up_proj.weight"])
 
 
 # ----------------------------------------------------------------------------- service
