@@ -14,10 +14,12 @@ interleave the variants. Per step the stages are timed by wrapping the learner's
 - ``diag``: the no-grad forward after the update (``measure_entropy_change``).
 
 Then one step's operator profile (torch.profiler, top operators by self time) and the
-forward / backward of one micro-batch of 16 in fp32 against bf16 autocast (the LM head kept in
-fp32), with the log-prob difference autocast makes. Writes ``benchmarks/results/learner_step_cpu.md``.
+forward / backward of one micro-batch of 16 through the learner's forward in fp32 against
+``autocast_dtype=bfloat16`` (LM head and, on CPU, attention kept in fp32), with the log-prob
+difference autocast makes. Writes ``benchmarks/results/learner_step_cpu.md``.
 
     .venv/bin/python benchmarks/bench_learner_step.py --rounds 2 --steps 3
+    .venv/bin/python benchmarks/bench_learner_step.py --variants "the demo now,autocast" --out /tmp/l.md
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ VARIANTS = {
     "micro 16, recompute old: from the forward": dict(micro_batch_size=16, recompute_old_logprobs=True),
     "micro 16, recompute old: scoring pass": dict(micro_batch_size=16, recompute_old_logprobs=True,
                                                   _scoring_pass=True),
+    "micro 16, recompute old, bf16 autocast": dict(micro_batch_size=16, recompute_old_logprobs=True,
+                                                   autocast_dtype="bfloat16"),
+    "micro 16, recompute old, bf16 autocast, padding_free": dict(micro_batch_size=16, recompute_old_logprobs=True,
+                                                                 autocast_dtype="bfloat16", padding_free=True),
 }
 
 
@@ -173,36 +179,26 @@ def op_profile(model: str, prompts) -> str:
 
 
 def autocast_check(model: str, prompts, repeats: int) -> list[dict]:
-    """fwd / bwd of one micro-batch of 16 in fp32 and under bf16 autocast (LM head in fp32)."""
-    import covrl
+    """fwd / bwd of one micro-batch of 16 through the learner's own forward, fp32 and with
+    ``autocast_dtype=bfloat16`` (LM head and, on CPU, attention in float32)."""
     from covrl.learner.batch import pack
+    from covrl.learner.policy import logits_lp_ent  # the learner's own, not the timed wrapper
 
-    core = LearnerCore(dict(model=model, **BASE, micro_batch_size=16))
-    batch = make_batch(random.Random(3), prompts, core.vocab_size)
-    pk = pack(batch, core.device)
-    head = core.policy.get_output_embeddings()
-    head_fwd = head.forward
-
-    def fp32_head(x):
-        with torch.autocast("cpu", enabled=False):
-            return head_fwd(x.float())
+    cores = {amp: LearnerCore(dict(model=model, **BASE, micro_batch_size=16,
+                                   autocast_dtype="bfloat16" if amp else "none")) for amp in (False, True)}
+    batch = make_batch(random.Random(3), prompts, cores[False].vocab_size)
+    pk = pack(batch, cores[False].device)
 
     def once(amp: bool):
-        head.forward = fp32_head if amp else head_fwd
-        try:
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                out = core.policy(input_ids=pk.input_ids, attention_mask=pk.attention_mask,
-                                  position_ids=pk.position_ids, logits_to_keep=pk.labels.shape[1] + 1, use_cache=False)
-            lp, ent = covrl.logprob_entropy(out.logits[:, :-1], pk.labels)
-            fwd = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            (lp[pk.mask].sum() + ent[pk.mask].sum()).backward()
-            bwd = time.perf_counter() - t0
-            core.policy.zero_grad(set_to_none=True)
-            return fwd, bwd, lp.detach()[pk.mask]
-        finally:
-            head.forward = head_fwd
+        c = cores[amp]
+        t0 = time.perf_counter()
+        lp, ent = logits_lp_ent(c, pk)
+        fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        (lp[pk.mask].sum() + ent[pk.mask].sum()).backward()
+        bwd = time.perf_counter() - t0
+        c.policy.zero_grad(set_to_none=True)
+        return fwd, bwd, lp.detach()[pk.mask]
 
     once(False), once(True)  # warm-up
     res = {False: [], True: []}
@@ -212,7 +208,7 @@ def autocast_check(model: str, prompts, repeats: int) -> list[dict]:
     ref = res[False][0][2]
     out = []
     for amp in (False, True):
-        out.append({"mode": "bf16 autocast (LM head fp32)" if amp else "fp32",
+        out.append({"mode": "autocast_dtype=bfloat16 (LM head, attention fp32)" if amp else "fp32",
                     "fwd": statistics.median(r[0] for r in res[amp]), "bwd": statistics.median(r[1] for r in res[amp]),
                     "dlp": float((res[amp][0][2] - ref).abs().mean()), "dlp_max": float((res[amp][0][2] - ref).abs().max())})
     return out
@@ -223,6 +219,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="", help="comma-separated names (or parts of names) to run; "
+                    "default all; the first one run is the ratios' baseline")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "learner_step_cpu.md"))
     args = ap.parse_args()
@@ -234,9 +232,13 @@ def main() -> None:
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     timers = Timers()
     timers.install()
-    rows: dict[str, list[dict]] = {k: [] for k in VARIANTS}
+    wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+    variants = {k: v for k, v in VARIANTS.items() if not wanted or any(w in k for w in wanted)}
+    if not variants:
+        ap.error(f"--variants: none of {wanted} names a variant; known: {list(VARIANTS)}")
+    rows: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(args.rounds):
-        for name, kw in VARIANTS.items():
+        for name, kw in variants.items():
             rows[name] += run_variant(model, kw, args.steps, prompts, timers, seed=r)
             print(f"[bench_learner_step] round {r + 1} {name}: "
                   f"{statistics.median(x['total'] for x in rows[name]):.2f} s", flush=True)
@@ -247,18 +249,20 @@ def main() -> None:
 
 
 def write(args, rows, ops, amp, load_before: str, load_after: str) -> None:
-    base = statistics.median(x["total"] for x in rows["micro 8 (the demo before)"])
+    base_name = next(iter(rows))
+    base = statistics.median(x["total"] for x in rows[base_name])
     lines = [
         "# One learner step of the demo on CPU: where the time goes",
         "",
         f"Machine: {cpu()}, no GPU, torch {torch.__version__}, {args.threads} threads; "
         f"{datetime.date.today().isoformat()}. Load: before `{load_before}`; after `{load_after}`.",
-        f"Command: `python benchmarks/bench_learner_step.py --rounds {args.rounds} --steps {args.steps}`; "
+        f"Command: `python benchmarks/bench_learner_step.py --rounds {args.rounds} --steps {args.steps}"
+        + (f" --variants '{args.variants}'" if args.variants else "") + "`; "
         "SmolLM2-135M-Instruct fp32, KL-Cov, 16 trajectories (the demo's prompts, one completion per "
         "group at the 64-token cap, the others 15-39), the variants interleaved per round; medians "
         f"over {args.rounds * args.steps} steps each (after one warm-up step per variant and round).",
         "",
-        "| variant | scoring s | selection s | fwd s | bwd s | optim s | diag s | total s | vs micro 8 |",
+        f"| variant | scoring s | selection s | fwd s | bwd s | optim s | diag s | total s | vs {base_name} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in rows.items():

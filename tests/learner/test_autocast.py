@@ -81,3 +81,23 @@ def test_trainer_config_passes_autocast_and_refuses_a_half_model(tmp_path):
         load_config(None, ["learner.autocast_dtype=bfloat16", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match="learner.autocast_dtype: expected one of none, bfloat16"):
         load_config(None, ["learner.autocast_dtype=fp16"])
+
+
+def test_cpu_autocast_runs_attention_in_float32_and_padding_free_still_exact(batch, monkeypatch):
+    import transformers.integrations.sdpa_attention as sa
+
+    seen, inner = [], sa.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return inner(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sa, "sdpa_attention_forward", spy)
+    padded = core(autocast_dtype="bfloat16", micro_batch_size=8)
+    assert padded.policy.config._attn_implementation == "covrl_sdpa_float32"
+    lp_padded, _ = padded.logprobs(batch)
+    assert seen and set(seen) == {(torch.float32,) * 3}
+    packed = core(autocast_dtype="bfloat16", micro_batch_size=8, padding_free=True)  # its start check passes
+    lp_packed, _ = packed.logprobs(batch)
+    for a, b in zip(lp_padded, lp_packed, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=0.03, rtol=0)  # bf16 projections
