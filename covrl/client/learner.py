@@ -149,6 +149,11 @@ class LearnerClient(_Client):
     def __init__(self, address: str, **kwargs):
         super().__init__(address, **kwargs)
         self.stub = learner_pb2_grpc.LearnerServiceStub(self.channel)
+        self._get_weights_raw = self.channel.unary_stream(  # chunks as serialized bytes, for a relay
+            "/covrl.v1.LearnerService/GetWeights",
+            request_serializer=learner_pb2.GetWeightsRequest.SerializeToString,
+            response_deserializer=None,
+        )
 
     def submit_rollouts(self, trajectories: list[Trajectory], *, timeout_s: float | None = None) -> SubmitResult:
         req = learner_pb2.SubmitRolloutsRequest(trajectories=[_trajectory_to_proto(t) for t in trajectories])
@@ -194,6 +199,17 @@ class LearnerClient(_Client):
             except ServiceError as e:
                 raise ClientError("GetWeights", e.code, f"bad weights from the learner: {e}") from None
         raise AssertionError("unreachable")
+
+    def stream_weights(
+        self, *, chunk_bytes: int = 0, dtype: str = "", timeout_s: float | None = None
+    ) -> Iterator[bytes]:
+        """GetWeights' chunks as they arrive, each a serialized ``TensorChunk``, not decoded.
+
+        For relaying to rollout servers (``RolloutClient.update_weights_encoded``), which
+        validate what they receive. Retried on UNAVAILABLE before the first chunk; a failure
+        after it is a ``ClientError``."""
+        req = learner_pb2.GetWeightsRequest(chunk_size_bytes=chunk_bytes, dtype=dtype)
+        yield from self._stream("GetWeights", self._get_weights_raw, req, timeout_s)
 
     def register_rollout_server(
         self, address: str, *, use_tls: bool = False, root_certificates: bytes | str | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from covrl._proto.v1 import rollout_pb2, rollout_pb2_grpc
 from covrl.client.channel import _Client, _from_proto
@@ -133,6 +133,15 @@ class RolloutClient(_Client):
         resp = self._call(
             "UpdateWeights", self._update_weights_raw, chunks, timeout_s, retry=isinstance(named_tensors, Mapping)
         )
+        return _from_proto(UpdateWeightsResult, resp)
+
+    def update_weights_encoded(
+        self, chunks: Callable[[], Iterator[bytes]], *, timeout_s: float | None = None
+    ) -> UpdateWeightsResult:
+        """Push already serialized ``TensorChunk`` messages (e.g. a learner's GetWeights stream,
+        relayed). ``chunks`` returns a fresh iterator over the whole stream, so a call refused
+        with UNAVAILABLE is sent again from the start."""
+        resp = self._call("UpdateWeights", self._update_weights_raw, chunks, timeout_s)
         return _from_proto(UpdateWeightsResult, resp)
 
     def get_info(self, include_parameters: bool = False, *, timeout_s: float | None = None) -> RolloutInfo:

@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import grpc
 
 from covrl.client.channel import ClientError
+from covrl.trainer.relay import WeightRelay
 
 # Status codes after which a shard is re-sent elsewhere; any other code is a request bug.
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -259,12 +260,48 @@ class RolloutFleet:
 
     def publish(self, version: int, tensors: dict, *, timeout_s: float, probe_timeout_s: float) -> None:
         """Push weights ``version`` to every healthy server in parallel; one that fails is marked down."""
+        for fut in self.start_publish(version, lambda c, t: c.update_weights(tensors, version, timeout_s=t),
+                                      timeout_s=timeout_s, probe_timeout_s=probe_timeout_s):
+            fut.result()
+
+    def publish_relayed(self, relay: WeightRelay, source, *, timeout_s: float, probe_timeout_s: float) -> int:
+        """Relay the learner's serialized weight chunks (``source``) to every healthy server as
+        they arrive (:class:`~covrl.trainer.relay.WeightRelay`); returns the version. A server
+        whose push fails is marked down; when the learner's stream fails, no server is (none
+        took the update), the target version stays the previous one and the learner's error
+        is raised."""
+        before = self.target_version
+        futures: list = []
+
+        def start(version: int) -> None:
+            futures.extend(self.start_publish(
+                version, lambda c, t: c.update_weights_encoded(relay.reader, timeout_s=t),
+                timeout_s=timeout_s, probe_timeout_s=probe_timeout_s, excused=lambda: relay.failed))
+
+        try:
+            version = relay.feed(source, start)
+        except BaseException:
+            for fut in futures:
+                fut.result()
+            self.set_target(before)
+            raise
+        for fut in futures:
+            fut.result()
+        return version
+
+    def start_publish(self, version: int, push: Callable, *, timeout_s: float, probe_timeout_s: float,
+                      excused: Callable[[], bool] = lambda: False) -> list:
+        """Set the target to ``version`` and start ``push(client, timeout_s)`` on every healthy
+        server (futures); a server whose push fails, unless ``excused()`` (its source failed),
+        or that then holds another version is marked down."""
         self.set_target(version)
 
         def one(srv: Server) -> None:
             try:
-                got = srv.client.update_weights(tensors, version, timeout_s=timeout_s).weight_version
+                got = push(srv.client, timeout_s).weight_version
             except ClientError as e:
+                if excused():
+                    return
                 try:  # FAILED_PRECONDITION: it already holds this version (an admission got there first)
                     got = srv.client.get_info(timeout_s=probe_timeout_s).weight_version
                 except ClientError:
@@ -272,8 +309,7 @@ class RolloutFleet:
             if got != version:
                 self.mark_down(srv, f"weight push of version {version} failed ({got})")
 
-        for fut in [self._pool.submit(one, s) for s in self.healthy]:
-            fut.result()
+        return [self._pool.submit(one, s) for s in self.healthy]
 
     def close(self) -> None:
         """Cancel in-flight calls (closing the channels) and stop the admission threads."""

@@ -95,6 +95,7 @@ from covrl.trainer.recovery import (
     stop_run,
     take_snapshot,
 )
+from covrl.trainer.relay import WeightRelay
 from covrl.trainer.remote import check_remote_learner
 from covrl.trainer.rollouts import Batch, Rollout, step_seed
 from covrl.trainer.summary import summarize
@@ -461,10 +462,12 @@ class Trainer:
         return resp
 
     def push_weights(self) -> None:
-        """Copy the learner's weights into every healthy rollout server; one that fails is marked down."""
+        """Relay the learner's weights into every healthy rollout server as they stream (one that
+        fails is marked down); ``covrl.trainer.relay``."""
         fo = self.cfg.failover
-        version, tensors = self.ch.learner.get_weights(dtype=self.fleet.push_dtype(fo.probe_timeout_s), timeout_s=600)
-        self.fleet.publish(version, tensors, timeout_s=fo.push_timeout_s, probe_timeout_s=fo.probe_timeout_s)
+        source = self.ch.learner.stream_weights(dtype=self.fleet.push_dtype(fo.probe_timeout_s), timeout_s=600)
+        self.fleet.publish_relayed(WeightRelay(), source, timeout_s=fo.push_timeout_s,
+                                   probe_timeout_s=fo.probe_timeout_s)
 
     def _metrics(self, step: int, batch: Batch, kept: list[Rollout], dropped: int, resp) -> dict:
         rs = batch.rollouts
