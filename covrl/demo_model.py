@@ -123,6 +123,40 @@ def ensure_demo_model(cache_dir: str | os.PathLike | None = None, *, python: str
     return cache_dir
 
 
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX-BF16 in its flags).
+
+    Elsewhere torch and vLLM emulate bfloat16 and run it slower than float32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def demo_fallbacks(*, have_vllm: bool | None = None, native_bf16: bool | None = None) -> list[str]:
+    """The overrides ``make demo`` adds to ``configs/demo.yaml`` where its choices would not run
+    (no vLLM installed) or not run fast (no native bfloat16: sampling and training go back to
+    float32); each one is said on stderr."""
+    import importlib.util
+
+    if have_vllm is None:
+        have_vllm = importlib.util.find_spec("vllm") is not None
+    if native_bf16 is None:
+        native_bf16 = native_bf16_cpu()
+    out = []
+    if not have_vllm:
+        print("[covrl] vLLM is not installed here: the demo generates with rollout.engine=transformers",
+              file=sys.stderr, flush=True)
+        out.append("rollout.engine=transformers")
+    if not native_bf16:
+        print("[covrl] this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): the demo samples and trains "
+              "in float32 (rollout.dtype=float32 learner.autocast_dtype=none)", file=sys.stderr, flush=True)
+        out += ["rollout.dtype=float32", "learner.autocast_dtype=none"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

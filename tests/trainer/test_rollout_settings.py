@@ -57,7 +57,7 @@ def test_rollout_dtype_sets_the_local_engines_apart_from_the_learners():
     cfg = load_config("configs/demo.yaml", ["rollout.dtype=bfloat16", "rollout.engine=vllm"])
     assert rollout_engine_config(cfg, "m", "cpu")["dtype"] == "bfloat16"
     assert service_configs(cfg, "m", "/tmp/x")["learner"]["learner"]["dtype"] == "float32"
-    assert rollout_engine_config(load_config("configs/demo.yaml", []), "m", "cpu")["dtype"] == "float32"
+    assert rollout_engine_config(load_config("configs/demo.yaml", ["rollout.dtype="]), "m", "cpu")["dtype"] == "float32"
     with pytest.raises(ConfigError, match="rollout.dtype"):
         load_config("configs/demo.yaml", ["rollout.dtype=bf16"])
 
@@ -89,3 +89,21 @@ def test_the_local_rollout_start_line_names_its_engine(tmp_path):
     assert ls._engine_words("reward") == ""
     ls.configs = {"rollout": {"engine": {"kind": "fake"}}}  # a test's fake engine names no dtype
     assert ls._engine_words("rollout") == " (engine fake; rollout.engine / rollout.dtype)"
+
+
+def test_demo_fallbacks_say_what_they_change(tmp_path, capsys):
+    from covrl.config import load_config
+    from covrl.demo_model import demo_fallbacks, native_bf16_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx512f avx512_bf16\n")
+    assert native_bf16_cpu(str(info))
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
+    assert not native_bf16_cpu(str(info)) and not native_bf16_cpu(str(tmp_path / "missing"))
+    assert demo_fallbacks(have_vllm=True, native_bf16=True) == []
+    got = demo_fallbacks(have_vllm=False, native_bf16=False)
+    err = capsys.readouterr().err
+    assert got == ["rollout.engine=transformers", "rollout.dtype=float32", "learner.autocast_dtype=none"]
+    assert "vLLM is not installed here" in err and "no native bfloat16" in err
+    cfg = load_config("configs/demo.yaml", got)  # the overrides are valid for the demo's config
+    assert (cfg.rollout.engine, cfg.rollout.dtype, cfg.learner.autocast_dtype) == ("transformers", "float32", "none")
