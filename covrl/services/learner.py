@@ -217,10 +217,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             except Exception as exc:  # noqa: BLE001 - mapped below, re-raised
                 raise _domain(exc, field, overrides) from None
 
-    def _weights_cpu(self) -> tuple[int, dict]:
-        """(version, {name: cpu tensor}) snapshot taken under the lock."""
+    def _weights_cpu(self, dtype: str = "") -> tuple[int, dict]:
+        """(version, {name: cpu tensor}) snapshot taken under the lock; floating tensors already
+        cast to ``dtype`` when given (one copy of the model, not a copy and then a cast)."""
+        cast = DTYPES[dtype] if dtype else None
         with self._lock:
-            return self.core.weight_version, {k: v.to("cpu", copy=True) for k, v in self.core.named_tensors()}
+            return self.core.weight_version, {
+                k: v.to("cpu", dtype=cast if cast is not None and v.is_floating_point() else v.dtype, copy=True)
+                for k, v in self.core.named_tensors()}
 
     def _push(self, server: _Rollout, version: int, tensors: dict) -> learner_pb2.PushResult:
         t0 = time.perf_counter()
@@ -265,7 +269,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             self._new_metrics.notify_all()
         pushes = []
         if not request.skip_push and self._servers and m["n_updates"] > 0:
-            version, tensors = self._weights_cpu()
+            version, tensors = self._weights_cpu(self.push_dtype)
             pushes = [self._push(s, version, tensors) for s in list(self._servers.values())]
         return learner_pb2.TrainResponse(
             step=self.core.step, weight_version=int(m["weight_version"]), loss=m["loss"], entropy=m["entropy"],
@@ -280,9 +284,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         if request.dtype and request.dtype not in DTYPES:
             raise InvalidArgument("dtype", f"must be one of {sorted(DTYPES)} or empty, got {request.dtype!r}")
         chunk = int(request.chunk_size_bytes) or self.push_chunk_bytes
-        version, tensors = self._weights_cpu()
-        yield from iter_tensor_chunks(tensors, version, chunk_bytes=chunk,
-                                      cast_to=DTYPES[request.dtype] if request.dtype else None)
+        version, tensors = self._weights_cpu(request.dtype)
+        yield from iter_tensor_chunks(tensors, version, chunk_bytes=chunk)
 
     @unary
     def RegisterRolloutServer(self, request, context):
@@ -314,7 +317,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             n, version = len(self._servers), self.core.weight_version
         resp = learner_pb2.RegisterRolloutServerResponse(num_servers=n, weight_version=version)
         if push_now:
-            version, tensors = self._weights_cpu()
+            version, tensors = self._weights_cpu(self.push_dtype)
             resp.push.CopyFrom(self._push(server, version, tensors))
         return resp
 

@@ -116,6 +116,10 @@ def test_train_pushes_weights_and_streams_metrics(learner, rollout):
     assert version == res.weight_version
     for name, p in engine.model.named_parameters():
         torch.testing.assert_close(weights[name], p.detach())
+    half_version, half = lc.get_weights(dtype="bfloat16")  # cast in the learner's snapshot
+    assert half_version == version and set(half) == set(weights)
+    for name, t in half.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, weights[name].bfloat16()), name
     ck = lc.checkpoint()
     assert ck.weight_version == res.weight_version and ck.size_bytes > 0
     ck2 = lc.checkpoint("explicit")  # a name under checkpoint_dir (paths: tests/services/test_security.py)
