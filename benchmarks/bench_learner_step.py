@@ -34,7 +34,7 @@ import subprocess
 import time
 
 import torch
-from machine_info import cpu
+from machine_info import cpu, write_results
 
 from covrl.learner import step
 from covrl.learner.batch import Trajectory
@@ -277,11 +277,7 @@ def write(args, rows, ops, amp, load_before: str, load_after: str) -> None:
     for a in amp:
         lines.append(f"| {a['mode']} | {a['fwd']:.2f} | {a['bwd']:.2f} | {a['dlp']:.4f} | {a['dlp_max']:.3f} |")
     lines.append("")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 
 import torch
 from bench_services import SMOLLM2_135M, build_engine, build_model
-from machine_info import cpu
+from machine_info import cpu, write_results
 
 THREADS = 2
 
@@ -151,11 +151,7 @@ def main() -> None:
         lines.append(f"| {dtype} | {mo:.2f} | {mn:.2f} | {mn / mo:.2f} | decode + publish {[round(x, 2) for x in old]}; "
                      f"relay {[round(x, 2) for x in new]} |")
     lines.append("")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,12 @@ def cpu() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({model})"
+
+
+def write_results(path: str, lines: list[str]) -> None:
+    """Write a results markdown file (creating its folder), echo it, and say where it went."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
