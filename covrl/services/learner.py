@@ -227,13 +227,13 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 for k, v in self.core.named_tensors()}
 
     def _push(self, server: _Rollout, version: int, tensors: dict) -> learner_pb2.PushResult:
+        """Send ``tensors`` (a ``_weights_cpu(self.push_dtype)`` snapshot, already cast) to ``server``."""
         t0 = time.perf_counter()
         if version == 0:
             return learner_pb2.PushResult(address=server.address, ok=False,
                                           error="learner weight_version is 0 (initial weights): nothing to push")
         try:
-            dtype = DTYPES[self.push_dtype] if self.push_dtype else None
-            res = server.client.update_weights(tensors, version, chunk_bytes=self.push_chunk_bytes, dtype=dtype,
+            res = server.client.update_weights(tensors, version, chunk_bytes=self.push_chunk_bytes,
                                                timeout_s=self.push_timeout_s)
             ok, err = res.weight_version == version, ""
             if not ok:

@@ -144,3 +144,27 @@ def test_example_config_is_valid():
     cfg = yaml.safe_load(path.read_text())
     assert set(cfg) <= _SERVICE_KEYS
     LearnerConfig.from_dict(cfg["learner"])
+
+
+def test_push_dtype_sends_the_snapshot_cast_once(model_dir, tmp_path):
+    """``push_dtype: bfloat16``: the learner's own pushes carry bf16 values (cast as the snapshot is taken)."""
+    engine = TransformersEngine(model_path=model_dir)
+    rsrv = start_server([rollout_binding(RolloutServicer(engine))], ServerConfig())
+    cfg = {"learner": {"model": model_dir, "lr": 1e-2}, "checkpoint_dir": str(tmp_path / "ck"),
+           "push_dtype": "bfloat16"}
+    lsrv = start("learner", cfg)
+    try:
+        with LearnerClient(lsrv.address, max_attempts=1) as lc:
+            lc.submit_rollouts([Trajectory(prompt_token_ids=[5, 6, 7], completion_token_ids=[8, 9],
+                                           behavior_logprobs=[-1.0, -1.0], reward=r, group_id="g")
+                                for r in (0.0, 1.0)])
+            lc.train(skip_push=True)
+            reg = lc.register_rollout_server(rsrv.address, push_now=True)
+            assert reg.push.ok, reg.push
+            _, full = lc.get_weights()
+        for name, p in engine.model.named_parameters():
+            assert torch.equal(p.detach(), full[name].bfloat16().float()), name  # bf16 values, fp32 engine
+        assert any(not torch.equal(full[n], full[n].bfloat16().float()) for n in full)  # the cast really rounds
+    finally:
+        lsrv.stop(0)
+        rsrv.stop(0)
