@@ -25,6 +25,7 @@ difference autocast makes. Writes ``benchmarks/results/learner_step_cpu.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import os
@@ -36,7 +37,7 @@ import time
 import torch
 from machine_info import cpu, write_results
 
-from covrl.learner import step
+from covrl.learner import policy, step
 from covrl.learner.batch import Trajectory
 from covrl.learner.core import LearnerCore
 
@@ -52,6 +53,13 @@ VARIANTS = {
                                                   _scoring_pass=True),
     "micro 16, recompute old, bf16 autocast": dict(micro_batch_size=16, recompute_old_logprobs=True,
                                                    autocast_dtype="bfloat16"),
+    "micro 16, recompute old, bf16 autocast, LM head on every position": dict(
+        micro_batch_size=16, recompute_old_logprobs=True, autocast_dtype="bfloat16", _full_head=True),
+    "micro 16, recompute old, bf16 autocast, foreach AdamW": dict(
+        micro_batch_size=16, recompute_old_logprobs=True, autocast_dtype="bfloat16", _foreach_adamw=True),
+    "micro 16, recompute old, bf16 autocast, LM head on every position, foreach AdamW (before)": dict(
+        micro_batch_size=16, recompute_old_logprobs=True, autocast_dtype="bfloat16", _full_head=True,
+        _foreach_adamw=True),
     "micro 16, recompute old, bf16 autocast, padding_free": dict(micro_batch_size=16, recompute_old_logprobs=True,
                                                                  autocast_dtype="bfloat16", padding_free=True),
 }
@@ -141,11 +149,18 @@ class Timers:
 def run_variant(model: str, kw: dict, steps: int, prompts, timers: Timers, seed: int) -> list[dict]:
     kw = dict(kw)
     scoring = kw.pop("_scoring_pass", False)
-    real_off = step.old_from_forward
+    full_head = kw.pop("_full_head", False)
+    foreach = kw.pop("_foreach_adamw", False)
+    real_off, real_rows = step.old_from_forward, policy.head_on_rows
     if scoring:
         step.old_from_forward = lambda cfg, split: False
+    if full_head:  # the LM head on all B x C positions, padding included (covrl before head_on_rows)
+        policy.head_on_rows = lambda model, keep: contextlib.nullcontext(False)
     try:
         core = LearnerCore(dict(model=model, **BASE, **kw))
+        if foreach:  # torch's default AdamW (covrl before fused_adamw), same settings
+            core.optimizer = torch.optim.AdamW(core.policy.parameters(), lr=BASE["lr"], weight_decay=0.0,
+                                               foreach=True)
         rng = random.Random(seed)
         rows = []
         for _ in range(steps + 1):  # the first step warms up (allocations, oneDNN kernels)
@@ -157,13 +172,14 @@ def run_variant(model: str, kw: dict, steps: int, prompts, timers: Timers, seed:
             rows.append(dict(timers.t))
         return rows[1:]
     finally:
-        step.old_from_forward = real_off
+        step.old_from_forward, policy.head_on_rows = real_off, real_rows
 
 
 def op_profile(model: str, prompts) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    core = LearnerCore(dict(model=model, **BASE, micro_batch_size=16))
+    core = LearnerCore(dict(model=model, **BASE, micro_batch_size=16, recompute_old_logprobs=True,
+                            autocast_dtype="bfloat16"))  # the learner of configs/demo.yaml
     rng = random.Random(7)
     core.submit(make_batch(rng, prompts, core.vocab_size))
     core.train_step()
@@ -271,7 +287,7 @@ def write(args, rows, ops, amp, load_before: str, load_after: str) -> None:
                      + f" | {med['total'] / base:.2f} |")
     lines += ["", "Per-step totals (s): " + "; ".join(
         f"{name}: {[round(x['total'], 1) for x in rs]}" for name, rs in rows.items()), "",
-        "## Operators of one step (micro 16, the demo's settings; torch.profiler, self time)", "", ops, "",
+        "## Operators of one step (configs/demo.yaml's learner: micro 16, bf16 autocast, old log-probs from the forward; torch.profiler, self time)", "", ops, "",
         "## One micro-batch of 16: fp32 against bf16 autocast", "",
         "| mode | fwd s | bwd s | mean abs log-prob change vs fp32 | max |", "|---|---|---|---|---|"]
     for a in amp:

@@ -118,18 +118,57 @@ def autocast(core):
 
 
 def logits_lp_ent(core, pk: Packed):
-    """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens (0 where padded with
-    ``padding_free``)."""
+    """Per-token ``(log_prob, entropy)`` [B, C] of the completion tokens, 0 where padded.
+
+    The LM head runs only on the K positions that predict a completion token
+    (:func:`head_on_rows`): with the demo's completions (15-64 tokens padded to 64) that is
+    under half of the B x C positions, and the head with its log-prob / entropy is the
+    largest single matmul of the step and the only one whose output is V wide."""
     if core.config.padding_free:
         return padding_free_lp_ent(core.policy, pk, core.config.temperature, autocast(core))
     c = pk.labels.shape[1]
-    with autocast(core):
+    keep = pk.mask  # [B, C]
+    with autocast(core), head_on_rows(core.policy, keep) as on_rows:
         out = core.policy(
             input_ids=pk.input_ids, attention_mask=pk.attention_mask, position_ids=pk.position_ids,
             logits_to_keep=c + 1, use_cache=False,
         )
-    logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
-    return covrl.logprob_entropy(logits, pk.labels, temperature=core.config.temperature)
+    if not on_rows:  # no LM head module to hook: every position's logits
+        logits = out.logits[:, :-1]  # [B, C, V]: position P-1+i predicts completion token i
+        lp, ent = covrl.logprob_entropy(logits, pk.labels, temperature=core.config.temperature)
+        return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+    lp, ent = covrl.logprob_entropy(out.logits, pk.labels[keep][None], temperature=core.config.temperature)  # [1, K]
+    zeros = torch.zeros(keep.shape, dtype=lp.dtype, device=lp.device)
+    return zeros.masked_scatter(keep, lp[0]), zeros.masked_scatter(keep, ent[0])
+
+
+@contextlib.contextmanager
+def head_on_rows(model, keep: torch.Tensor):
+    """While active, the LM head of ``model`` sees only the positions that predict a kept token.
+
+    The head's input is the last ``C + 1`` positions [B, C + 1, H] (``logits_to_keep``);
+    position ``i`` predicts completion token ``i``, so ``hidden[:, :-1][keep]`` [K, H] is
+    what it needs, and the model returns logits [1, K, V] in ``keep``'s row-major order. What
+    a model does to logits after its head (soft-capping, scaling) is element-wise and still
+    applies. Yields False (and changes nothing) for a model without an output embedding
+    module, or when ``keep`` is empty."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not bool(keep.any()):
+        yield False
+        return
+
+    def pre(module, args, kwargs):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[0] != keep.shape[0] or hidden.shape[1] != keep.shape[1] + 1:
+            raise RuntimeError(f"head_on_rows: the LM head got hidden states {tuple(hidden.shape)}, expected "
+                               f"[{keep.shape[0]}, {keep.shape[1] + 1}, H] (logits_to_keep = C + 1)")
+        return (hidden[:, :-1][keep][None], *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def padding_free_lp_ent(model, pk: Packed, temperature: float, context=None):

@@ -345,3 +345,59 @@ def test_padding_free_is_refused_for_a_model_whose_packed_rows_would_see_each_ot
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # as if unsupported
     with pytest.raises(ValueError, match="learner.padding_free: .* does not keep packed sequences apart"):
         core(padding_free=True)
+
+
+def test_lm_head_runs_only_on_positions_that_predict_a_completion_token(batch, monkeypatch):
+    """``head_on_rows``: the head's input is the K = sum(len(completion)) predicting positions, not
+    B x C; log-probs, entropies and the whole update equal those of the head on every position."""
+    import contextlib
+
+    from covrl.learner import policy
+
+    kw = dict(loss_mode="kl_cov", kl_cov_fraction=0.1, adam_eps=1.0, lr=1.0, shuffle=False, entropy_coef=0.01,
+              micro_batch_size=8, recompute_old_logprobs=True)
+    a, b = core(**kw), core(**kw)
+    rows_seen = []
+    a.policy.get_output_embeddings().register_forward_hook(  # runs after every pre-hook: what the head computed
+        lambda m, args, out: rows_seen.append(tuple(out.shape[:-1])))
+    lps, ents = a.logprobs(batch)
+    k = sum(len(t["completion_ids"]) for t in batch)
+    c_max = max(len(t["completion_ids"]) for t in batch)
+    assert rows_seen == [(1, k)] and k < len(batch) * c_max
+    monkeypatch.setattr(policy, "head_on_rows", lambda model, keep: contextlib.nullcontext(False))
+    full_lps, full_ents = b.logprobs(batch)
+    for x, y in zip(lps + ents, full_lps + full_ents, strict=True):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    a.submit(batch)
+    ma = a.train_step()
+    monkeypatch.setattr(policy, "head_on_rows", lambda model, keep: contextlib.nullcontext(False))
+    b.submit(batch)
+    mb = b.train_step()
+    for key in ("loss", "entropy", "cov", "selected_frac", "entropy_delta"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_head_on_rows_names_the_shape_it_expected(batch):
+    from covrl.learner import policy
+
+    c = core()
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    with policy.head_on_rows(c.policy, keep), pytest.raises(RuntimeError, match=r"expected \[2, 4, H\]"):
+        c.policy(input_ids=torch.ones(2, 6, dtype=torch.long))  # every position reaches the head
+
+
+def test_single_process_adamw_is_fused_and_updates_as_foreach(batch):
+    a, b = core(lr=1e-2), core(lr=1e-2)
+    assert a.optimizer.defaults["fused"] is True
+    # torch's default (foreach) path with the learner's other settings (weight_decay 0, not torch's 0.01)
+    b.optimizer = torch.optim.AdamW(b.policy.parameters(), lr=1e-2, weight_decay=0.0, foreach=True)
+    for x in (a, b):
+        x.submit(batch)
+        x.train_step()
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-7, rtol=1e-6)
