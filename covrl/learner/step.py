@@ -96,10 +96,10 @@ def train(core: LearnerCore, batch: list[Trajectory], cfg: LearnerConfig) -> dic
     score(core, cfg, s)  # 3. scoring pass: old log-probs, entropies, the 80/20 token set
     tally = update(core, cfg, s)  # 4. epochs -> mini-batches -> micro-batches
     gather(core, s, tally)  # 5. metrics (global over ranks)
+    if tally.n_updates:  # the update is applied: its version counts even if the diagnostic below fails
+        core.weight_version += 1
     # 6. same-batch entropy change: one no-grad forward of the same sequences after the update
     delta = entropy_change(core, s) if cfg.measure_entropy_change and tally.n_updates else {}
-    if tally.n_updates:
-        core.weight_version += 1
     core.step += 1
     return {**metrics(cfg, s, tally, core.weight_version, t0), **delta}
 

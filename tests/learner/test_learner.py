@@ -401,3 +401,16 @@ def test_single_process_adamw_is_fused_and_updates_as_foreach(batch):
     wa, wb = weights(a), weights(b)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-7, rtol=1e-6)
+
+
+def test_a_failing_entropy_diagnostic_still_counts_the_applied_update(batch, monkeypatch):
+    from covrl.learner import step
+
+    c = core(lr=1e-2)
+    before = weights(c)
+    c.submit(batch)
+    monkeypatch.setattr(step, "entropy_change", lambda core, s: (_ for _ in ()).throw(RuntimeError("diag")))
+    with pytest.raises(RuntimeError, match="diag"):
+        c.train_step()
+    assert c.weight_version == 1  # the weights changed: the version says so
+    assert any(not torch.equal(before[k], v) for k, v in weights(c).items())
