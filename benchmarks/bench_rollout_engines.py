@@ -3,7 +3,8 @@
 In one run:
 
 1. generation throughput, 4 demo prompts x n=4 = 16 samples x 64 new tokens, fp32 and bf16,
-   one warm-up call then ``--repeats`` timed calls (median); tokens/s counts generated tokens.
+   both engines loaded at once and their calls interleaved (one warm-up round, then
+   ``--repeats`` rounds; medians); tokens/s counts generated tokens.
    "cores used" is the CPU time the engine's process(es) spent divided by the wall time, so it
    shows the threads each engine really keeps busy (vLLM-CPU binds its OpenMP threads itself;
    the transformers engine gets ``--threads`` torch threads);
@@ -53,36 +54,59 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def time_generation(engine, ps, repeats: int, procs) -> dict:
-    engine.generate(ps, PARAMS)  # warm-up
-    walls, tokens, cores = [], [], []
-    for i in range(repeats):
-        params = SamplingParams(**{**PARAMS.__dict__, "seed": i + 1})
-        c0, t0 = cpu_seconds(procs), time.perf_counter()
-        out = engine.generate(ps, params)
-        wall = time.perf_counter() - t0
-        walls.append(wall)
-        tokens.append(sum(len(s.token_ids) for r in out for s in r.samples))
-        cores.append((cpu_seconds(procs) - c0) / wall)
+def timed_call(engine, ps, seed: int, procs) -> tuple[float, int, float]:
+    """(wall s, generated tokens, cores used) of one generate call."""
+    params = SamplingParams(**{**PARAMS.__dict__, "seed": seed})
+    c0, t0 = cpu_seconds(procs), time.perf_counter()
+    out = engine.generate(ps, params)
+    wall = time.perf_counter() - t0
+    return wall, sum(len(s.token_ids) for r in out for s in r.samples), (cpu_seconds(procs) - c0) / wall
+
+
+def summary(calls: list[tuple[float, int, float]]) -> dict:
+    walls = [c[0] for c in calls]
     i = walls.index(sorted(walls)[len(walls) // 2])  # the median call (the slower middle one if even)
-    return {"wall_s": walls[i], "tokens": tokens[i], "tok_s": tokens[i] / walls[i],
-            "cores": statistics.median(cores), "walls": [round(w, 2) for w in walls]}
+    return {"wall_s": walls[i], "tokens": calls[i][1], "tok_s": statistics.median(c[1] / c[0] for c in calls),
+            "cores": statistics.median(c[2] for c in calls), "walls": [round(w, 2) for w in walls],
+            "tok_s_each": [round(c[1] / c[0]) for c in calls]}
 
 
-def bench_vllm(model: str, dtype: str, ps_fn, repeats: int) -> dict:
+def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts: list[int]) -> dict:
+    """Both engines loaded at once, their calls interleaved: vLLM, transformers at each thread
+    count, vLLM, ... (one warm-up call each first), so that a slow phase of this shared
+    machine hits every engine alike. Then the weight-update timing of VLLMEngine."""
     t0 = time.perf_counter()
     eng = make_engine({"kind": "vllm", "model_path": model, "dtype": dtype, "max_batch_size": 16,
                        "max_model_len": 1024})
     start_s = time.perf_counter() - t0
-    procs = psutil.Process().children(recursive=True)
+    vprocs = psutil.Process().children(recursive=True)
+    hf = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
+    ps = ps_fn(eng.tokenizer)
+    names = ["vllm"] + [f"transformers@{n}" for n in thread_counts]
+    calls: dict[str, list] = {n: [] for n in names}
     try:
-        res = time_generation(eng, ps_fn(eng.tokenizer), repeats, procs)
-        res["start_s"] = start_s
-        res["affinity"] = sorted({c for p in procs for c in p.cpu_affinity()})
-        res["bind"] = eng.cpu_threads_bind
-        res["update"] = bench_update(eng, model, ps_fn(eng.tokenizer)[:1], repeats)
+        for i in range(repeats + 1):  # round 0 warms up every engine
+            for name in names:
+                if name == "vllm":
+                    c = timed_call(eng, ps, i + 1, vprocs)
+                else:
+                    torch.set_num_threads(int(name.split("@")[1]))
+                    c = timed_call(hf, ps, i + 1, [psutil.Process()])
+                if i:
+                    calls[name].append(c)
+        res = {name: summary(calls[name]) for name in names}
+        v = res["vllm"]
+        v.update(start_s=start_s, bind=eng.cpu_threads_bind, update=bench_update(eng, model, ps[:1], repeats))
+        for n in thread_counts:
+            t = res[f"transformers@{n}"]
+            t["threads"] = n
+            # the same round's calls side by side: how far the ratio moves within this run
+            t["pair_ratios"] = [round(a[1] / a[0] / (b[1] / b[0]), 2) for a, b in
+                                zip(calls["vllm"], calls[f"transformers@{n}"], strict=True)]
     finally:
         eng.close()
+        del hf
+        gc.collect()
     return res
 
 
@@ -104,16 +128,6 @@ def bench_update(eng, model: str, one_prompt, repeats: int) -> dict:
         rows.append({"push_to_first_token_s": total, **eng.last_update_s})
     rows = rows[1:]  # the first also pays for page-faulting the shm file's pages in
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-
-
-def bench_transformers(model: str, dtype: str, ps_fn, repeats: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    eng = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
-    res = time_generation(eng, ps_fn(eng.tokenizer), repeats, [psutil.Process()])
-    res["threads"] = torch.get_num_threads()
-    del eng
-    gc.collect()
-    return res
 
 
 def demo_steps(engine: str, steps: int, out_root: str) -> dict:
@@ -141,15 +155,11 @@ def main() -> None:
 
     load_before = load()
     model = ensure_demo_model()
+    threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
     gen = {}
     for dtype in ("float32", "bfloat16"):
-        gen[("vllm", dtype)] = bench_vllm(model, dtype, prompts, args.repeats)
-        print("vllm", dtype, gen[("vllm", dtype)], flush=True)
-        gen[("transformers", dtype)] = bench_transformers(model, dtype, prompts, args.repeats, args.threads)
-        print("transformers", dtype, gen[("transformers", dtype)], flush=True)
-        if args.extra_threads:
-            gen[("transformers*", dtype)] = bench_transformers(model, dtype, prompts, args.repeats, args.extra_threads)
-            print("transformers*", dtype, gen[("transformers*", dtype)], flush=True)
+        gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads)
+        print(dtype, gen[dtype], flush=True)
     demo = {}
     if args.demo_steps:
         for engine in ("transformers", "vllm"):
@@ -169,37 +179,41 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
         "",
         "## Generation: 4 demo prompts x n=4 = 16 samples, <= 64 new tokens, temperature 1",
         "",
-        "Median of the timed calls after one warm-up. cores used = CPU seconds of the engine's "
-        "process(es) / wall seconds.",
+        f"Both engines loaded together, calls interleaved (vLLM, transformers at each thread count, "
+        f"vLLM, ...), {args.repeats} timed calls each after one warm-up round. tokens/s = median over "
+        "the calls of generated tokens / wall s; wall s and tokens are the median call's. cores used "
+        "= CPU seconds of the engine's process(es) / wall seconds.",
         "",
-        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vLLM x |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vLLM x | vLLM x, call by call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for dtype in ("float32", "bfloat16"):
-        v, t = gen[("vllm", dtype)], gen[("transformers", dtype)]
+    for dtype, res in gen.items():
+        v = res["vllm"]
         lines.append(f"| vllm | {dtype} | {v['wall_s']:.2f} | {v['tokens']} | {v['tok_s']:.0f} | {v['cores']:.2f} | "
-                     f"OpenMP bound to cores {v['bind']} (engine.cpu_threads=0) | {v['tok_s'] / t['tok_s']:.2f} |")
-        lines.append(f"| transformers | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
-                     f"{t['cores']:.2f} | torch {t['threads']} | 1.00 |")
-        if ("transformers*", dtype) in gen:
-            t2 = gen[("transformers*", dtype)]
-            lines.append(f"| transformers | {dtype} | {t2['wall_s']:.2f} | {t2['tokens']} | {t2['tok_s']:.0f} | "
-                         f"{t2['cores']:.2f} | torch {t2['threads']} | {v['tok_s'] / t2['tok_s']:.2f} (vs this row) |")
-    lines += ["", "All timed calls (wall s): " + "; ".join(
-        f"{e} {d}: {r['walls']}" for (e, d), r in gen.items()), ""]
+                     f"OpenMP bound to cores {v['bind']} (engine.cpu_threads=0) | - | - |")
+        for name, t in res.items():
+            if name == "vllm":
+                continue
+            lines.append(f"| transformers | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
+                         f"{t['cores']:.2f} | torch {t['threads']} | {v['tok_s'] / t['tok_s']:.2f} | "
+                         f"{t['pair_ratios']} |")
+    lines += ["", "All timed calls (wall s; tokens/s): " + "; ".join(
+        f"{name} {dtype}: {r['walls']}; {r['tok_s_each']}" for dtype, res in gen.items() for name, r in res.items()),
+        ""]
     lines += ["## Full weight update of VLLMEngine (every tensor, HF names, as the learner pushes it)", "",
               "push -> first generated token on the new version, median of the updates after the first; "
               "prepare = checks + dtype + tied head, stage = write the safetensors file to /dev/shm, "
               "load = vLLM's reload_weights in the engine process.", "",
               "| dtype | engine start s | push -> first token s | prepare s | stage s | load s |",
               "|---|---|---|---|---|---|"]
-    for dtype in ("float32", "bfloat16"):
-        v = gen[("vllm", dtype)]
+    for dtype, res in gen.items():
+        v = res["vllm"]
         u = v["update"]
         lines.append(f"| {dtype} | {v['start_s']:.1f} | {u['push_to_first_token_s']:.2f} | {u['prepare_s']:.2f} | "
                      f"{u['stage_s']:.2f} | {u['load_s']:.2f} |")
     if demo:
-        lines += ["", f"## Demo step split (configs/demo.yaml, fp32, 16 x 64), median of steps {demo['vllm']['steady']}",
+        lines += ["", f"## Demo step split (configs/demo.yaml as it is, only rollout.engine changed; 16 x 64), "
+                  f"median of steps {demo['vllm']['steady']}",
                   "", "| rollout.engine | generate s | score s | train s | sync s | step s | mean response tokens |",
                   "|---|---|---|---|---|---|---|"]
         for engine, m in demo.items():
