@@ -21,6 +21,15 @@ def weights(c):
     return {k: v.clone() for k, v in c.named_tensors()}
 
 
+def assert_same_step(a, ma, b, mb):
+    """Two learners' steps agree: the step's metrics and the weights after it."""
+    for key in ("loss", "entropy", "cov", "selected_frac", "entropy_delta"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+
+
 def single_logprobs(model, t, temperature):
     ids = torch.tensor([t["prompt_ids"] + t["completion_ids"]])
     with torch.no_grad():
@@ -331,12 +340,7 @@ def test_padding_free_forwards_are_exact_and_train_the_same(batch):
     a, b = core(padding_free=True, **kw), core(**kw)
     for x in (a, b):
         x.submit(batch)
-    ma, mb = a.train_step(), b.train_step()
-    for key in ("loss", "entropy", "cov", "selected_frac", "entropy_delta"):
-        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
-    wa, wb = weights(a), weights(b)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert_same_step(a, a.train_step(), b, b.train_step())
 
 
 def test_padding_free_is_refused_for_a_model_whose_packed_rows_would_see_each_other(monkeypatch):
@@ -373,12 +377,7 @@ def test_lm_head_runs_only_on_positions_that_predict_a_completion_token(batch, m
     ma = a.train_step()
     monkeypatch.setattr(policy, "head_on_rows", lambda model, keep: contextlib.nullcontext(False))
     b.submit(batch)
-    mb = b.train_step()
-    for key in ("loss", "entropy", "cov", "selected_frac", "entropy_delta"):
-        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
-    wa, wb = weights(a), weights(b)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+    assert_same_step(a, ma, b, b.train_step())
 
 
 def test_head_on_rows_names_the_shape_it_expected(batch):
