@@ -204,6 +204,6 @@ class LearnerCore:
 def fused_adamw(device: torch.device, world_size: int) -> dict:
     """``fused=True`` for a single process on CPU or CUDA: one pass over each parameter instead of
     foreach's several (the demo's 135M parameters on 2 CPU cores: 0.10 against 0.50 s a step,
-    benchmarks/results/learner_step_cpu.md). Same update; state dicts load either way. FSDP2's
+    benchmarks/results/learner_step_head_adamw_cpu.md). Same update; state dicts load either way. FSDP2's
     sharded (DTensor) parameters keep torch's default."""
     return {"fused": True} if world_size == 1 and device.type in ("cpu", "cuda") else {}
