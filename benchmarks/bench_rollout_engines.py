@@ -80,11 +80,12 @@ def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts:
                        "max_model_len": 1024})
     start_s = time.perf_counter() - t0
     vprocs = psutil.Process().children(recursive=True)
-    hf = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
     ps = ps_fn(eng.tokenizer)
     names = ["vllm"] + [f"transformers@{n}" for n in thread_counts]
     calls: dict[str, list] = {n: [] for n in names}
-    try:
+    hf = None
+    try:  # the vLLM engine is closed whatever fails below
+        hf = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
         for i in range(repeats + 1):  # round 0 warms up every engine
             for name in names:
                 if name == "vllm":

