@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    from covrl.logging_utils import enable_stack_dumps
+
+    enable_stack_dumps()  # kill -USR1 PID: every thread's stack to stderr
+
     # covrl's own deprecations (renamed config keys) are shown; Python hides DeprecationWarning by default.
     warnings.filterwarnings("default", category=DeprecationWarning, message="covrl:")
     argv = list(sys.argv[1:] if argv is None else argv)

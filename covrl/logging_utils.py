@@ -17,6 +17,20 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 
 
+def enable_stack_dumps() -> bool:
+    """After this, ``kill -USR1 PID`` prints every thread's Python stack to stderr and the
+    process goes on: what a trainer or service that seems stuck is waiting for. The CLI and
+    ``python -m covrl.services`` call it. False where there is no SIGUSR1 or off the main thread."""
+    import faulthandler
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return False
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return True
+
+
 def _jsonable(v):
     if hasattr(v, "item"):
         v = v.item()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from covrl.logging_utils import enable_stack_dumps
 from covrl.services.launch import SERVICES, serve
 
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="require the shared token held by environment variable NAME (server.token_env)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
+    enable_stack_dumps()  # kill -USR1 PID: every thread's stack to stderr (the service's log)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(args.service, args.host, args.port, args.config, insecure=args.insecure, token_env=args.token_env)
     return 0

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
@@ -53,10 +54,39 @@ class Server:
     in_flight: int = 0
     floor: int = -1  # after a learner restart: the version it held, newer than the learner's (not admissible)
     dtype: str | None = None  # its engine's dtype from GetInfo, cached by push_dtype; cleared when it goes down
+    epoch: int = 0  # +1 each time it goes down or is admitted: the late failure of an older call is ignored
 
     @property
     def address(self) -> str:
         return self.client.address
+
+
+BUDGET_SLACK_S = 5.0  # added to every call budget: thread scheduling, not network
+
+
+def call_budget_s(client, timeout_s: float, probe_timeout_s: float = 0.0) -> float:
+    """The longest a call through ``client`` may take while every deadline holds: each try of
+    its retry on UNAVAILABLE (``max_attempts``, sleeping up to ``max_backoff_s`` between), then,
+    with ``probe_timeout_s``, the same for the GetInfo probe after a failed push; plus
+    ``BUDGET_SLACK_S``."""
+    attempts, backoff = int(getattr(client, "max_attempts", 1)), float(getattr(client, "max_backoff_s", 0.0))
+    probe = attempts * (probe_timeout_s + backoff) if probe_timeout_s else 0.0
+    return attempts * (timeout_s + backoff) + probe + BUDGET_SLACK_S
+
+
+@dataclasses.dataclass(eq=False)
+class _Push:
+    """One server's push of one publish (see :meth:`RolloutFleet.start_publish`)."""
+
+    server: Server
+    epoch: int  # the server's epoch when the push started
+    version: int
+    budget_s: float  # call_budget_s: it must have returned by then
+    future: object
+    deadline: float = 0.0  # time.monotonic() + budget_s at the start
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.budget_s
 
 
 class RolloutFleet:
@@ -102,10 +132,12 @@ class RolloutFleet:
         n = sum(s.healthy for s in self.servers)
         self._report(f"rollout fleet: {n}/{len(self.servers)} healthy ({what})")
 
-    def mark_down(self, srv: Server, reason: str) -> None:
+    def mark_down(self, srv: Server, reason: str, *, epoch: int | None = None) -> None:
+        """Take ``srv`` out of the fleet; with ``epoch`` only if it has not gone down or come back since."""
         with self._cond:
-            if not srv.healthy:
+            if not srv.healthy or (epoch is not None and epoch != srv.epoch):
                 return
+            srv.epoch += 1
             srv.healthy, srv.reason, srv.dtype = False, reason, None
             srv.retry_at, srv.backoff_s = time.monotonic() + 0.5, 0.5
             if not any(s.healthy for s in self.servers):
@@ -157,6 +189,7 @@ class RolloutFleet:
             srv.admitting = False
             if version is not None and version == self.target_version:
                 srv.healthy, srv.reason = True, ""
+                srv.epoch += 1
                 self._none_since = None
                 self.readmissions += 1
                 self._line(f"admitted {srv.address} at weight version {version}")
@@ -187,11 +220,13 @@ class RolloutFleet:
     # -- one step's shards ------------------------------------------------------------------
 
     def run(self, shards: list[tuple[int, object]], call: Callable[[object, object], object],
-            accept: Callable[[object], str | None]) -> dict[int, object]:
+            accept: Callable[[object], str | None], *, timeout_s: float | None = None) -> dict[int, object]:
         """``{shard key: call(client, payload)}`` for every shard, each on some healthy server.
 
         ``accept(result)`` returns None or why the result is refused (stale weights); a
-        refused or failed shard is re-sent to another healthy server.
+        refused or failed shard is re-sent to another healthy server. ``timeout_s``: the
+        deadline ``call`` gives its RPC; a call still running past :func:`call_budget_s` of it
+        counts as failed (its thread is left behind).
         """
         self.readmit()
         todo = list(shards)
@@ -203,13 +238,23 @@ class RolloutFleet:
                 srv = min(healthy, key=lambda s: s.in_flight)
                 key, payload = todo.pop(0)
                 srv.in_flight += 1
-                running[self._pool.submit(call, srv.client, payload)] = (key, payload, srv)
+                deadline = time.monotonic() + call_budget_s(srv.client, timeout_s) if timeout_s else float("inf")
+                running[self._pool.submit(call, srv.client, payload)] = (key, payload, srv, srv.epoch, deadline)
             if not running:
                 self.wait_for_a_server()
                 continue
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            soonest = min(r[4] for r in running.values())
+            done, _ = wait(list(running), timeout=None if soonest == float("inf") else
+                           max(0.0, soonest - time.monotonic()), return_when=FIRST_COMPLETED)
+            for fut in [f for f, r in running.items() if f not in done and r[4] <= time.monotonic()]:
+                key, payload, srv, epoch, _ = running.pop(fut)  # outlived its deadlines: left behind
+                srv.in_flight -= 1
+                self.mark_down(srv, f"a call did not return within its deadlines "
+                                    f"({call_budget_s(srv.client, timeout_s):.0f}s)", epoch=epoch)
+                self.resent_shards += 1
+                todo.append((key, payload))
             for fut in done:
-                key, payload, srv = running.pop(fut)
+                key, payload, srv, epoch, _ = running.pop(fut)
                 srv.in_flight -= 1
                 try:
                     res = fut.result()
@@ -221,7 +266,7 @@ class RolloutFleet:
                 if why is None:
                     results[key] = res
                     continue
-                self.mark_down(srv, why)
+                self.mark_down(srv, why, epoch=epoch)
                 self.resent_shards += 1
                 todo.append((key, payload))
         return results
@@ -240,7 +285,7 @@ class RolloutFleet:
             old = [p.weight_version for p in result[1] if p.weight_version < floor]
             return f"sampled with weight version {min(old)}, the fleet holds {floor}" if old else None
 
-        done = self.run([(si, si) for si in range(min(n_shards, len(ids)))], one, fresh)
+        done = self.run([(si, si) for si in range(min(n_shards, len(ids)))], one, fresh, timeout_s=timeout_s)
         return [done[k] for k in sorted(done)]
 
     def push_dtype(self, probe_timeout_s: float) -> str:
@@ -260,9 +305,8 @@ class RolloutFleet:
 
     def publish(self, version: int, tensors: dict, *, timeout_s: float, probe_timeout_s: float) -> None:
         """Push weights ``version`` to every healthy server in parallel; one that fails is marked down."""
-        for fut in self.start_publish(version, lambda c, t: c.update_weights(tensors, version, timeout_s=t),
-                                      timeout_s=timeout_s, probe_timeout_s=probe_timeout_s):
-            fut.result()
+        self.finish_publish(self.start_publish(version, lambda c, t: c.update_weights(tensors, version, timeout_s=t),
+                                               timeout_s=timeout_s, probe_timeout_s=probe_timeout_s))
 
     def publish_relayed(self, relay: WeightRelay, source, *, timeout_s: float, probe_timeout_s: float) -> int:
         """Relay the learner's serialized weight chunks (``source``) to every healthy server as
@@ -271,32 +315,30 @@ class RolloutFleet:
         took the update), the target version stays the previous one and the learner's error
         is raised."""
         before = self.target_version
-        futures: list = []
+        pushes: list[_Push] = []
 
         def start(version: int) -> None:
-            futures.extend(self.start_publish(
+            pushes.extend(self.start_publish(
                 version, lambda c, t: c.update_weights_encoded(relay.reader, timeout_s=t),
                 timeout_s=timeout_s, probe_timeout_s=probe_timeout_s, excused=lambda: relay.failed))
 
         try:
             version = relay.feed(source, start)
         except BaseException:
-            for fut in futures:
-                fut.result()
+            self.finish_publish(pushes)
             self.set_target(before)
             raise
-        for fut in futures:
-            fut.result()
+        self.finish_publish(pushes)
         return version
 
     def start_publish(self, version: int, push: Callable, *, timeout_s: float, probe_timeout_s: float,
-                      excused: Callable[[], bool] = lambda: False) -> list:
+                      excused: Callable[[], bool] = lambda: False) -> list[_Push]:
         """Set the target to ``version`` and start ``push(client, timeout_s)`` on every healthy
-        server (futures); a server whose push fails, unless ``excused()`` (its source failed),
-        or that then holds another version is marked down."""
+        server; a server whose push fails, unless ``excused()`` (its source failed), or that
+        then holds another version is marked down. Returns the pushes for :meth:`finish_publish`."""
         self.set_target(version)
 
-        def one(srv: Server) -> None:
+        def one(srv: Server, epoch: int) -> None:
             try:
                 got = push(srv.client, timeout_s).weight_version
             except ClientError as e:
@@ -307,9 +349,24 @@ class RolloutFleet:
                 except ClientError:
                     got = f"{e.code.name}: {e.details}"
             if got != version:
-                self.mark_down(srv, f"weight push of version {version} failed ({got})")
+                self.mark_down(srv, f"weight push of version {version} failed ({got})", epoch=epoch)
 
-        return [self._pool.submit(one, s) for s in self.healthy]
+        with self._cond:
+            targets = [(s, s.epoch) for s in self.servers if s.healthy]
+        return [_Push(srv, epoch, version, call_budget_s(srv.client, timeout_s, probe_timeout_s),
+                      self._pool.submit(one, srv, epoch)) for srv, epoch in targets]
+
+    def finish_publish(self, pushes: list[_Push]) -> None:
+        """Wait for the pushes of :meth:`start_publish`. One that has not returned by its budget
+        (:func:`call_budget_s`: every deadline it was given has passed) is marked down and left
+        behind, so a call that outlives its gRPC deadline cannot stall the run; a push's own
+        exception (not a ClientError) is raised."""
+        for p in pushes:
+            try:
+                p.future.result(timeout=max(0.0, p.deadline - time.monotonic()))
+            except FutureTimeout:
+                self.mark_down(p.server, f"weight push of version {p.version} did not return within its deadlines "
+                                         f"({p.budget_s:.0f}s)", epoch=p.epoch)
 
     def close(self) -> None:
         """Cancel in-flight calls (closing the channels) and stop the admission threads."""

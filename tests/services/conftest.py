@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from svc_fakes import FakeVerifier
@@ -14,6 +16,17 @@ from covrl.services.rollout import RolloutServicer, rollout_binding
 
 # Tiny models: one thread is fastest and fair to the other processes on a small CI box.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment():
+    """The environment as it was before the module: vLLM sets LD_PRELOAD, LOCAL_WORLD_SIZE,
+    VLLM_WORKER_MULTIPROC_METHOD and more in the process that creates an engine, and the
+    services that later tests start as subprocesses must not inherit them."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,38 @@ def test_readme_network_command_runs_as_written(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_service_keeps_serving():
+    """``kill -USR1 PID`` on a service: its stacks in the log (what a stuck one waits for), and it
+    goes on answering. Traffic to 127.0.0.1 only."""
+    import re
+    import signal
+
+    from covrl.client import RewardClient, ScoreItem
+
+    proc = subprocess.Popen([sys.executable, "-m", "covrl.services", "reward", "--config", example("reward"),
+                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        for _ in range(200):  # bounded: the service prints its address once it serves
+            m = re.search(r"serving on [^:]+:(\d+)", proc.stdout.readline())
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "the reward service did not start"
+        proc.send_signal(signal.SIGUSR1)
+        seen = []
+        for _ in range(400):
+            seen.append(proc.stdout.readline())
+            if "Current thread" in seen[-1]:
+                break
+        assert any("Current thread" in s for s in seen), "".join(seen)
+        assert any(re.match(r"Thread 0x[0-9a-f]+", s) for s in seen), "".join(seen)  # the others too
+        item = ScoreItem(task="arithmetic", prompt="2+2=", completion="\\boxed{4}", ground_truth="4")
+        with RewardClient(f"127.0.0.1:{port}") as client:
+            assert client.score([item], timeout_s=60).results[0].reward == 1.0
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

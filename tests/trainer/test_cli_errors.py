@@ -128,3 +128,16 @@ def test_long_phase_is_named(tmp_path, capsys):
         time.sleep(0.1)
     logger.close()
     assert "step 1/3: generate running" in err and "the first step also warms up the model" in err
+
+
+def test_the_cli_prints_every_threads_stack_on_sigusr1():
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from covrl.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.5)\nprint('still running')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "still running" in p.stdout, p.stderr
+    assert "Current thread" in p.stderr and "<module>" in p.stderr, p.stderr

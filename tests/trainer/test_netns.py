@@ -173,7 +173,21 @@ def write_certs(d) -> dict[str, str]:
     return paths
 
 
-def _wait_line(lines: list[str], text: str, p: subprocess.Popen | None, timeout_s: float) -> str:
+def _stacks(p: subprocess.Popen | None, lines: list[str], logs=()) -> str:
+    """What a stuck trainer waits for: its last lines, then every thread's stack (the CLI dumps
+    them on SIGUSR1, into the same pipe), then the tail of each service's log."""
+    n = len(lines)
+    if p is not None and p.poll() is None:
+        os.kill(p.pid, signal.SIGUSR1)  # ip netns exec execs: this is the trainer
+        time.sleep(2)
+    out = "".join(lines[max(0, n - 30):n]) + "--- trainer stacks (SIGUSR1) ---\n" + "".join(lines[n:])
+    for log in logs:
+        with contextlib.suppress(OSError):
+            out += f"--- {log} (tail) ---\n" + "".join(open(log).readlines()[-15:])
+    return out
+
+
+def _wait_line(lines: list[str], text: str, p: subprocess.Popen | None, timeout_s: float, logs=()) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in list(lines):
@@ -182,7 +196,7 @@ def _wait_line(lines: list[str], text: str, p: subprocess.Popen | None, timeout_
         if p is not None and p.poll() is not None:
             break
         time.sleep(0.05)
-    raise AssertionError(f"no line with {text!r} within {timeout_s}s; last lines:\n" + "".join(lines[-30:]))
+    raise AssertionError(f"no line with {text!r} within {timeout_s}s; last lines:\n" + _stacks(p, lines, logs))
 
 
 def test_run_across_network_namespaces_with_tls_token_and_a_cut_link(tmp_path, network, tiny_model_dir):
@@ -229,15 +243,16 @@ def test_run_across_network_namespaces_with_tls_token_and_a_cut_link(tmp_path, n
 
     threading.Thread(target=read, daemon=True).start()
 
-    _wait_line(lines, "2/2 healthy", trainer, 300)
+    logs = [tmp_path / f"{h}.log" for h in procs]
+    _wait_line(lines, "2/2 healthy", trainer, 300, logs)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").exists() or len(read_metrics(str(run))) < 2:
-        assert trainer.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
+        assert trainer.poll() is None and time.monotonic() < deadline, _stacks(trainer, lines, logs)
         time.sleep(0.1)
     network.link("ro2", up=False)  # rollout host 2 drops off the network mid-run
-    _wait_line(lines, f"1/2 healthy (lost {addr['ro2']}", trainer, 120)
+    _wait_line(lines, f"1/2 healthy (lost {addr['ro2']}", trainer, 120, logs)
     network.link("ro2", up=True)
-    _wait_line(lines, f"2/2 healthy (admitted {addr['ro2']}", trainer, 120)
+    _wait_line(lines, f"2/2 healthy (admitted {addr['ro2']}", trainer, 120, logs)
     # the run goes on with both servers: a step at 1/2 healthy, then a later one at 2/2
     def back_to_two(rows) -> bool:
         ones = [i for i, r in enumerate(rows) if r["rollout/servers_healthy"] == 1]
@@ -245,7 +260,7 @@ def test_run_across_network_namespaces_with_tls_token_and_a_cut_link(tmp_path, n
 
     deadline = time.monotonic() + 120
     while not back_to_two(read_metrics(str(run))):
-        assert trainer.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
+        assert trainer.poll() is None and time.monotonic() < deadline, _stacks(trainer, lines, logs)
         time.sleep(0.1)
     trainer.send_signal(signal.SIGTERM)  # ip netns exec passes it on to the trainer (it execs)
     assert trainer.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines[-40:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import grpc
 import pytest
@@ -123,3 +124,83 @@ def test_a_server_that_is_gone_is_marked_down_and_the_other_still_updates(servic
     fleet.publish_relayed(WeightRelay(), lc.stream_weights(chunk_bytes=4096), timeout_s=30, probe_timeout_s=5)
     assert [s.index for s in fleet.healthy] == [0] and engines[0].weight_version == 3
     assert "weight push of version 3 failed" in fleet.servers[1].reason
+
+
+# ------------------------------------------------------------- calls that outlive their deadline
+
+
+class Stuck:
+    """A rollout client whose pushes and generates do not return, deadline or not, until
+    ``release`` is set; then they fail late. GetInfo goes to the real server."""
+
+    max_attempts, max_backoff_s = 1, 0.0
+
+    def __init__(self, inner):
+        self.inner, self.address, self.release, self.entered = inner, inner.address, threading.Event(), 0
+
+    def _hang(self, name):
+        self.entered += 1
+        self.release.wait(60)
+        raise ClientError(name, grpc.StatusCode.DEADLINE_EXCEEDED, "returned long after its deadline")
+
+    def update_weights_encoded(self, chunks, *, timeout_s=None):
+        self._hang("UpdateWeights")
+
+    def generate(self, prompts, sampling=None, *, prompt_ids=None, timeout_s=None):
+        self._hang("Generate")
+
+    def get_info(self, *a, **kw):
+        return self.inner.get_info(*a, **kw)
+
+    def close(self):
+        self.release.set()
+        self.inner.close()
+
+
+@pytest.fixture
+def stuck(services, monkeypatch):
+    """``services`` with server 1's client replaced by :class:`Stuck`; budgets without slack."""
+    import covrl.trainer.fleet as fleet_mod
+
+    monkeypatch.setattr(fleet_mod, "BUDGET_SLACK_S", 0.5)
+    fleet = services[0]
+    client = fleet.servers[1].client = Stuck(fleet.servers[1].client)
+    yield (*services, client)
+    client.release.set()
+
+
+def test_a_push_that_outlives_its_deadlines_marks_the_server_down_without_stalling_the_publish(stuck):
+    fleet, lc, engines, _, _, client = stuck
+    t0 = time.monotonic()
+    assert fleet.publish_relayed(WeightRelay(), lc.stream_weights(chunk_bytes=4096), timeout_s=1,
+                                 probe_timeout_s=1) == 3
+    took = time.monotonic() - t0
+    assert client.entered == 1 and 2.0 <= took < 20, took  # budget 1 + 1 + 0.5 s, not the 60 s the call hangs
+    assert [s.index for s in fleet.healthy] == [0] and engines[0].weight_version == 3
+    assert "did not return within its deadlines (2s)" in fleet.servers[1].reason
+
+
+def test_the_late_failure_of_a_left_behind_push_does_not_take_down_the_readmitted_server(stuck):
+    fleet, lc, _, _, _, client = stuck
+    fleet.publish_relayed(WeightRelay(), lc.stream_weights(chunk_bytes=4096), timeout_s=1, probe_timeout_s=1)
+    srv = fleet.servers[1]
+    assert not srv.healthy
+    fleet._admit = lambda s, target: target  # it comes back at the fleet's version
+    fleet._admit_one(srv)
+    assert srv.healthy
+    client.release.set()  # the left-behind push now fails, long after its deadline
+    time.sleep(0.5)
+    assert srv.healthy and len(fleet.healthy) == 2, srv.reason
+
+
+def test_a_generate_that_outlives_its_deadlines_is_resent_to_a_healthy_server(stuck):
+    from covrl.client import SamplingParams
+
+    fleet, _, _, _, _, client = stuck
+    t0 = time.monotonic()
+    out = fleet.generate([[5, 6, 7], [8, 9, 10]], lambda si: SamplingParams(n=2, max_new_tokens=3, seed=si),
+                         timeout_s=1)
+    assert time.monotonic() - t0 < 20  # budget 1 + 0.5 s, not the 60 s the call hangs
+    assert client.entered == 1 and fleet.resent_shards == 1
+    assert sorted(i for idx, _ in out for i in idx) == [0, 1] and all(len(r) == 1 for _, r in out)
+    assert "did not return within its deadlines" in fleet.servers[1].reason and len(fleet.healthy) == 1
