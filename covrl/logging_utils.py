@@ -20,15 +20,23 @@ EVAL_FILE = "eval.jsonl"
 def enable_stack_dumps() -> bool:
     """After this, ``kill -USR1 PID`` prints every thread's Python stack to stderr and the
     process goes on: what a trainer or service that seems stuck is waiting for. The CLI and
-    ``python -m covrl.services`` call it. False where there is no SIGUSR1 or off the main thread."""
+    ``python -m covrl.services`` call it. False where there is no SIGUSR1, off the main thread,
+    or when no stderr has a file descriptor (captured output: the process's own stderr then)."""
     import faulthandler
+    import io
     import signal
     import threading
 
     if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
         return False
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    return True
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            continue
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+        return True
+    return False
 
 
 def _jsonable(v):

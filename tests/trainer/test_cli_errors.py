@@ -141,3 +141,15 @@ def test_the_cli_prints_every_threads_stack_on_sigusr1():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "still running" in p.stdout, p.stderr
     assert "Current thread" in p.stderr and "<module>" in p.stderr, p.stderr
+
+
+def test_stack_dumps_fall_back_to_the_processs_stderr_when_output_is_captured(monkeypatch):
+    import io
+    import sys
+
+    from covrl.logging_utils import enable_stack_dumps
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # like pytest's capsys or a notebook: no fileno
+    assert enable_stack_dumps()
+    monkeypatch.setattr(sys, "__stderr__", None)
+    assert not enable_stack_dumps()
