@@ -64,7 +64,8 @@ demo: install
 	$(VPY) -m covrl.cli train --config configs/demo.yaml \
 		$$($(VPY) -c "from covrl.demo_model import demo_fallbacks; print(' '.join(demo_fallbacks()))") \
 		$(DEMO_ARGS)
-	$(VPY) -m covrl.cli eval --checkpoint runs/demo --compare-untrained
+	# one generate per model: an eager vLLM engine (no ~95 s torch.compile start) is the faster choice here
+	$(VPY) -m covrl.cli eval --checkpoint runs/demo --compare-untrained rollout.enforce_eager=true
 
 # Compile-check every CUDA source against torch's headers (works with the CPU
 # torch wheel, which ships the ATen/c10 CUDA headers; links only on a GPU host).
