@@ -30,6 +30,7 @@ def jobs(device: str) -> dict[str, list[str]]:
         "reward": ["bench_reward.py", "--out", str(RESULTS / "reward_cpu.md")],
         "services": ["bench_services.py", "--out", str(RESULTS / "services_cpu.md")],
         "demo_step": ["bench_demo_step.py"],
+        "learner_malloc": ["bench_learner_malloc.py"],
         "fuzz": ["bench_fuzz.py", "--out", str(RESULTS / "fuzz.md")],
     }
 

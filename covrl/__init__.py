@@ -26,6 +26,7 @@ Map of the package (each subpackage's docstring maps its own modules):
 - ``experiments/``  reproducible experiments (the entropy study)
 - ``models.py``     tiny in-memory models for tests; ``demo_model.py`` the embedded demo model
 - ``logging_utils.py`` metrics.jsonl, TensorBoard, progress bar; ``plot.py`` a run's figures
+- ``malloc.py``       the service processes keep freed memory (glibc ``mallopt``) instead of faulting it in anew
 - ``cli.py``        the ``covrl`` command
 - ``_proto/``       generated protobuf / gRPC code (``make protos``)
 """

@@ -7,10 +7,16 @@ import logging
 import sys
 
 from covrl.logging_utils import enable_stack_dumps
+from covrl.malloc import retain_freed_memory
 from covrl.services.launch import SERVICES, serve
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        malloc = retain_freed_memory()  # before any handler thread allocates (see covrl.malloc)
+    except ValueError as e:
+        print(f"python -m covrl.services: {e}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="python -m covrl.services", description="Run one covrl gRPC service.")
     ap.add_argument("service", choices=SERVICES)
     ap.add_argument("--host", default=None, help="bind address (default: server.host from the config, else 127.0.0.1)")
@@ -24,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     enable_stack_dumps()  # kill -USR1 PID: every thread's stack to stderr (the service's log)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("covrl.services").info(malloc)
     serve(args.service, args.host, args.port, args.config, insecure=args.insecure, token_env=args.token_env)
     return 0
 

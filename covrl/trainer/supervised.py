@@ -61,6 +61,12 @@ def main(argv: list[str]) -> int:
         rest = rest[1:]
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return 1
+    from covrl.malloc import retain_freed_memory
+
+    try:
+        retain_freed_memory()  # before the watchdog thread; the service logs what it did
+    except ValueError:
+        pass  # a bad COVRL_RETAIN_FREED_MEMORY: the service's own call reports it
     watch_parent(parent)
     from covrl.services.__main__ import main as service_main
 
