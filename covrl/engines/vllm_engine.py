@@ -20,7 +20,8 @@
   ``enforce_eager=True`` starts fast for a short run. Weight updates go into the same
   parameters either way (tested in both modes).
 - Weights, in place, with vLLM's RL route: the engine writes the learner's HF-named tensors
-  to one safetensors file in RAM-backed shared memory (``weights_dir``, ``/dev/shm``) and
+  to one safetensors file in RAM-backed shared memory (``weights_dir``, ``/dev/shm``; by
+  default one of two kept files, written over its pages: :mod:`covrl.engines.staging`) and
   calls :class:`~covrl.engines.vllm_worker.WeightSyncExtension` on every worker by name
   (``collective_rpc``); the worker runs vLLM's ``reload_weights`` on it and re-ties a tied
   ``lm_head``. This happens under the lock generation takes, then the prefix cache is reset,
@@ -39,15 +40,14 @@ import contextlib
 import glob
 import logging
 import os
-import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from covrl.engines.base import PromptResult, Sample, SamplingParams, StaleWeightVersion, all_finite
+from covrl.engines.staging import StagingFiles, remove_stale_weight_files, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         cpu_threads: int = 0,
         weights_dir: str = "/dev/shm",
+        reuse_weight_files: bool = True,
         seed: int = 0,
         allow_raw_logprobs: bool = False,
         llm_kwargs: dict | None = None,
@@ -228,10 +229,10 @@ class VLLMEngine:
         self._vocab_size = int(hf_config.vocab_size)
         self._max_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.device = self.llm.collective_rpc("covrl_device")[0]
-        # Where the weights being served come from: the model's own files, then the last update's shm file.
+        # Where the weights being served come from: the model's own files, then the last update's staged file.
         self._source = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
-        self._source_is_shm = False
         remove_stale_weight_files(weights_dir)
+        self._staging = StagingFiles(weights_dir, reuse=bool(reuse_weight_files))
         atexit.register(self._remove_weight_files)  # the update file lives in RAM: never leave it behind
         self._lock = threading.Lock()
         self._version = 0
@@ -293,10 +294,9 @@ class VLLMEngine:
         self._remove_weight_files()
 
     def _remove_weight_files(self) -> None:
-        if getattr(self, "_source_is_shm", False):
-            for p in self._source:
-                _unlink(p)
-            self._source_is_shm = False
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.remove_all()
 
     # ------------------------------------------------------------------ weights
 
@@ -330,8 +330,6 @@ class VLLMEngine:
         Raises ValueError (bad name / shape / NaN: nothing touched), StaleWeightVersion,
         :class:`WeightUpdateFailed` (still serving the previous version) or :class:`EngineDead`.
         """
-        from safetensors.torch import save_file
-
         self._check_alive()
         t0 = time.perf_counter()
         full = self._full_update(tensors)
@@ -340,12 +338,12 @@ class VLLMEngine:
             new = self._version + 1 if version == 0 else int(version)
             if new <= self._version:
                 raise StaleWeightVersion(f"weight_version: {new} is not newer than the current {self._version}")
-            path = os.path.join(self.weights_dir, f"covrl-vllm-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{new}.safetensors")
+            path = self._staging.next_path(new)
             t1 = time.perf_counter()
             try:
-                save_file(full, path)
+                write_safetensors(path, full)
             except OSError as e:
-                _unlink(path)
+                self._staging.failed(path)
                 raise WeightUpdateFailed(f"weights_dir: cannot stage the update ({e}); still serving "
                                          f"weight version {self._version}") from e
             del full
@@ -353,17 +351,15 @@ class VLLMEngine:
             try:
                 self.llm.collective_rpc("covrl_load_weights", args=([path],))
             except Exception as e:  # noqa: BLE001 - any failure: put the previous weights back
-                _unlink(path)
+                self._staging.failed(path)
                 self._restore_after_failure(e)
                 raise WeightUpdateFailed(
                     f"weight update to version {new} failed ({type(e).__name__}: {e}); the previous weights were "
                     f"loaded back and the engine still serves weight version {self._version}") from e
             t3 = time.perf_counter()
             self.llm.reset_prefix_cache()
-            if self._source_is_shm:
-                for p in self._source:
-                    _unlink(p)
-            self._source, self._source_is_shm = [path], True
+            self._staging.served(path)
+            self._source = [path]
             self._version = new
             self.last_update_s = {"prepare_s": t1 - t0, "stage_s": t2 - t1, "load_s": t3 - t2,
                                   "total_s": time.perf_counter() - t0}
@@ -420,24 +416,3 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[PromptResult]:
         return list(self.generate_iter(prompts, params))
-
-
-SHM_NAME = re.compile(r"^covrl-vllm-(\d+)-[0-9a-f]{8}-v\d+\.safetensors$")
-
-
-def remove_stale_weight_files(weights_dir: str) -> list[str]:
-    """Remove update files left in ``weights_dir`` by engines whose process is gone (kill -9); returns them."""
-    removed = []
-    for name in os.listdir(weights_dir):
-        m = SHM_NAME.match(name)
-        if m and not os.path.exists(f"/proc/{m.group(1)}"):
-            _unlink(os.path.join(weights_dir, name))
-            removed.append(name)
-    return removed
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

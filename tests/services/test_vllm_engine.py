@@ -98,10 +98,11 @@ def test_update_files_of_dead_engines_are_removed(tmp_path):
     mine = tmp_path / f"covrl-vllm-{os.getpid()}-0123abcd-v2.safetensors"
     stale = tmp_path / f"covrl-vllm-{dead}-0123abcd-v7.safetensors"
     other = tmp_path / f"model-{dead}.safetensors"
-    for p in (mine, stale, other):
+    slot = tmp_path / f"covrl-vllm-{dead}-0123abcd-b.safetensors"  # one of the two kept files
+    for p in (mine, stale, other, slot):
         p.write_bytes(b"x")
-    assert remove_stale_weight_files(str(tmp_path)) == [stale.name]
-    assert mine.exists() and other.exists() and not stale.exists()
+    assert sorted(remove_stale_weight_files(str(tmp_path))) == sorted([stale.name, slot.name])
+    assert mine.exists() and other.exists() and not stale.exists() and not slot.exists()
 
 
 def test_cpu_threads_bind_every_allowed_core_by_default(monkeypatch):
@@ -225,6 +226,25 @@ def test_update_changes_greedy_output_and_restore_brings_it_back_bit_for_bit(eng
     assert back.weight_version == v + 2
     assert back.samples[0].token_ids == before.samples[0].token_ids
     assert back.samples[0].logprobs == before.samples[0].logprobs  # bit for bit
+
+
+@needs_vllm
+def test_updates_alternate_between_two_files_written_over_in_place(engine, hf0):
+    staging = engine._staging
+    inodes = []
+    for seed in (3, 4, 3):
+        engine.update_weights(state(tied_tiny_model(seed=seed)), 0)
+        inodes.append(os.stat(staging.serving).st_ino)
+    assert inodes[0] == inodes[2] != inodes[1]  # the third update went over the first one's file
+    mine = [n for n in os.listdir(engine.weights_dir) if n.startswith(os.path.basename(staging._stem))]
+    assert len(mine) == 2
+    before = greedy(engine)
+    engine.update_weights(state(tied_tiny_model(seed=4)), 0)
+    engine.update_weights(state(tied_tiny_model(seed=3)), 0)
+    again = greedy(engine)  # seed 3 staged over the seed-4 file gives seed 3's output exactly
+    assert again.samples[0].token_ids == before.samples[0].token_ids
+    assert again.samples[0].logprobs == before.samples[0].logprobs
+    engine.update_weights(state(hf0), 0)
 
 
 @needs_vllm
