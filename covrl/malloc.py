@@ -15,7 +15,7 @@ allocator keeps GPU memory. The cost is that the process's resident size stays a
 It must run before any second thread allocates (``M_ARENA_MAX`` only bounds arenas created
 after it), so the service and CLI entry points call it first thing. ``covrl`` used as a
 library never calls it. ``COVRL_RETAIN_FREED_MEMORY=0`` turns it off; other C libraries
-(musl, macOS) are left alone.
+(musl, macOS) are left alone. The services log :func:`status` once they serve.
 """
 
 from __future__ import annotations
@@ -44,15 +44,24 @@ def _glibc():
         return None
 
 
-_applied: str | None = None
+_status: str | None = None  # what the first call did
+
+
+def status() -> str:
+    """What :func:`retain_freed_memory` did in this process, as one line (the services log it)."""
+    return _status or "malloc: glibc's defaults (covrl.malloc.retain_freed_memory was not called in this process)"
 
 
 def retain_freed_memory(env: dict | None = None) -> str:
-    """Apply the settings above once per process; returns one line saying what was done (for the log)."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    env = os.environ if env is None else env
+    """Apply the settings above; returns one line saying what was done. Only the first call in a
+    process acts (a bad ``COVRL_RETAIN_FREED_MEMORY`` raises ValueError naming it, every time)."""
+    global _status
+    if _status is None:
+        _status = _retain(os.environ if env is None else env)
+    return _status
+
+
+def _retain(env) -> str:
     value = env.get(ENV, "1").strip().lower()
     if value in ("0", "false", "no", "off"):
         return f"malloc: glibc's defaults ({ENV}={env[ENV]})"
@@ -69,5 +78,4 @@ def retain_freed_memory(env: dict | None = None) -> str:
     results = [libc.mallopt(M_ARENA_MAX, 1), libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, -1)]
     if not all(results):
         return "malloc: glibc refused mallopt; left as it is"
-    _applied = f"malloc: freed memory stays in the process (one arena, no mmap, no trim; {ENV}=0 turns this off)"
-    return _applied
+    return f"malloc: freed memory stays in the process (one arena, no mmap, no trim; {ENV}=0 turns this off)"

@@ -13,7 +13,7 @@ from covrl.services.launch import SERVICES, serve
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        malloc = retain_freed_memory()  # before any handler thread allocates (see covrl.malloc)
+        retain_freed_memory()  # before any handler thread allocates (see covrl.malloc); serve logs it
     except ValueError as e:
         print(f"python -m covrl.services: {e}", file=sys.stderr)
         return 2
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     enable_stack_dumps()  # kill -USR1 PID: every thread's stack to stderr (the service's log)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("covrl.services").info(malloc)
     serve(args.service, args.host, args.port, args.config, insecure=args.insecure, token_env=args.token_env)
     return 0
 

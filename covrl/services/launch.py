@@ -22,10 +22,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import os
 import sys
 
+from covrl.malloc import status as malloc_status
 from covrl.services.common import RunningServer, ServerConfig, ServiceBinding, start_server
+
+log = logging.getLogger("covrl.services")
 
 SERVICES = ("rollout", "reward", "learner")
 
@@ -218,4 +222,5 @@ def serve(name: str, host: str | None = None, port: int | None = None, config_pa
         print(f"covrl {name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(f"covrl {name} serving on {running.address}", flush=True)
+    log.info(malloc_status())
     running.serve_until_signal()
