@@ -97,3 +97,24 @@ def test_without_reuse_each_update_gets_a_new_file_and_the_old_one_goes(tmp_path
         assert sorted(os.listdir(tmp_path)) == [os.path.basename(p)]
     s.remove_all()
     assert os.listdir(tmp_path) == []
+
+
+def test_short_writes_go_on_and_a_stalled_write_raises(tmp_path, monkeypatch):
+    import covrl.engines.staging as staging
+
+    real = os.pwritev
+    tensors = {"a": torch.arange(1000, dtype=torch.int64), "b": torch.ones(300)}
+
+    def short(fd, buffers, offset):  # at most 100 bytes a call, as a kernel may do
+        first = buffers[0][:100]
+        return real(fd, [first], offset)
+
+    monkeypatch.setattr(staging.os, "pwritev", short)
+    path = str(tmp_path / "w.safetensors")
+    write_safetensors(path, tensors)
+    monkeypatch.setattr(staging.os, "pwritev", real)
+    back = read(path)
+    assert torch.equal(back["a"], tensors["a"]) and torch.equal(back["b"], tensors["b"])
+    monkeypatch.setattr(staging.os, "pwritev", lambda fd, buffers, offset: 0)
+    with pytest.raises(OSError, match="made no progress"):
+        write_safetensors(str(tmp_path / "x.safetensors"), tensors)

@@ -69,6 +69,8 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor]) -> int:
             want = sum(b.nbytes for b in batch)
             done = os.pwritev(fd, batch, at)
             while done < want:  # a short write: go on from where it stopped
+                if done <= 0:  # nothing written and no error: never spin on it
+                    raise OSError(f"{path}: the write made no progress ({want} bytes left)")
                 rest, skip = [], done
                 for b in batch:
                     if skip >= b.nbytes:
