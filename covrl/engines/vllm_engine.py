@@ -4,8 +4,10 @@
   ``logprobs_mode="processed_logprobs"``, so the log-probs are those of the distribution
   actually sampled from (after temperature / top-k / top-p), like the transformers engine.
   vLLM versions without ``logprobs_mode`` return raw log-probs: the engine refuses to start
-  on them unless ``allow_raw_logprobs=True``. Seeds: prompt ``i`` of a request gets
-  ``seed + i * n`` and vLLM gives its ``n`` samples ``+ 0 .. n-1``, so no two share a stream.
+  on them unless ``allow_raw_logprobs=True``. Seeds: prompt ``i`` of a request gets a 62-bit
+  hash of ``(seed, i)`` (:func:`prompt_seed`) and vLLM gives its ``n`` samples ``+ 0 .. n-1``.
+  So no two samples of a call share a stream, and nor do the same prompt's samples under
+  ``seed`` and ``seed + 1`` (a plain ``seed + i * n`` would give those n - 1 samples in common).
 - KV cache: on the CPU backend vLLM reads ``gpu_memory_utilization`` as a fraction of RAM, so
   the engine sizes the cache itself (``kv_cache_memory_bytes``): room for ``max_batch_size``
   sequences of ``max_model_len`` tokens, capped at ``kv_cache_max_ram_fraction`` of the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import threading
@@ -79,6 +82,16 @@ def _available_ram_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """vLLM's seed for prompt ``index`` of a call with ``seed``: a 62-bit hash of both.
+
+    vLLM seeds a request's ``n`` samples with ``seed + 0 .. n - 1``, so seeds that differ by
+    less than ``n`` would share samples; hashed seeds are that close with odds of about n / 2**62.
+    """
+    digest = hashlib.blake2b(f"covrl-sample-{seed}-{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def bind_cpu_threads(cpu_threads: int) -> str:
@@ -394,7 +407,7 @@ class VLLMEngine:
         per_batch = max(1, self.max_batch_size // params.n)
         for start in range(0, len(prompts), per_batch):
             chunk = prompts[start : start + per_batch]
-            sps = [self._sampling(params, None if params.seed is None else params.seed + (start + j) * params.n)
+            sps = [self._sampling(params, None if params.seed is None else prompt_seed(params.seed, start + j))
                    for j in range(len(chunk))]
             with self._lock:
                 self._check_alive()

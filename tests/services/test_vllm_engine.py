@@ -9,6 +9,7 @@ process, so it stays last.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import time
 
@@ -105,6 +106,17 @@ def test_update_files_of_dead_engines_are_removed(tmp_path):
     assert mine.exists() and other.exists() and not stale.exists() and not slot.exists()
 
 
+def test_prompt_seeds_are_stable_62_bit_hashes():
+    from covrl.engines.vllm_engine import prompt_seed
+
+    seeds = [prompt_seed(s, i) for s in range(50) for i in range(8)]
+    assert seeds == [prompt_seed(s, i) for s in range(50) for i in range(8)]
+    assert all(0 <= x < 2**62 for x in seeds)
+    ordered = sorted(seeds)
+    assert min(b - a for a, b in itertools.pairwise(ordered)) > 1 << 20  # far apart: n children never meet
+    assert prompt_seed(2**63 - 1, 0) < 2**62  # a 63-bit trainer seed stays in range
+
+
 def test_cpu_threads_bind_every_allowed_core_by_default(monkeypatch):
     from covrl.engines.vllm_engine import bind_cpu_threads
 
@@ -174,8 +186,12 @@ def test_seeds_reproduce_and_differ(engine):
 
     a = run(7)
     assert a == run(7)
-    assert a != run(8)
+    b = run(8)
+    assert a != b
     assert len({tuple(x) for x in a}) == 4  # no two samples (prompts x n) share a random stream
+    # vLLM seeds a prompt's samples seed + 0 .. n - 1: with seed + i * n per prompt, seed 8's
+    # first sample of a prompt would be seed 7's second one
+    assert not {tuple(x) for x in a} & {tuple(x) for x in b}
 
 
 @needs_vllm
