@@ -9,7 +9,11 @@ In one run:
    ``enforce_eager`` to the same rounds.
    "cores used" is the CPU time the engine's process(es) spent divided by the wall time, so it
    shows the threads each engine really keeps busy (vLLM-CPU binds its OpenMP threads itself;
-   the transformers engine gets ``--threads`` torch threads);
+   the transformers engine gets ``--threads`` torch threads). Every call waits ``--settle`` s
+   first: vLLM's worker spins a core for about 1 s after each request, which would otherwise
+   slow the next engine's call. ``--fixed-length`` adds, in the same rounds, calls with EOS
+   ignored (every sample 64 tokens, as vLLM's own throughput benchmark runs): the sampled
+   lengths then no longer differ between the engines' random streams;
 2. a full weight update of VLLMEngine (every tensor of the model, as the learner pushes it):
    ``update_weights`` until the first generated token on the new version, and its parts;
 3. the demo's step time split (generate / train / sync) with each engine
@@ -21,6 +25,7 @@ In one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -35,6 +40,7 @@ from covrl.config import load_config
 from covrl.data import encode_prompt, synthetic
 from covrl.demo_model import ensure_demo_model
 from covrl.engines import SamplingParams, make_engine
+from covrl.malloc import retain_freed_memory
 
 PARAMS = SamplingParams(n=4, temperature=1.0, max_new_tokens=64, seed=0)
 
@@ -56,11 +62,40 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def timed_call(engine, ps, seed: int, procs) -> tuple[float, int, float]:
-    """(wall s, generated tokens, cores used) of one generate call."""
+@contextlib.contextmanager
+def eos_ignored(engine):
+    """Within the block the engine samples ``max_new_tokens`` for every sample (EOS does not stop).
+
+    Benchmark-only, through each engine's internals: vLLM's ``ignore_eos``, and the transformers
+    engine without its EOS ids. Explicit ``stop_token_ids`` are not used here.
+    """
+    if hasattr(engine, "eos_ids"):  # TransformersEngine
+        saved, engine.eos_ids = engine.eos_ids, set()
+        try:
+            yield
+        finally:
+            engine.eos_ids = saved
+        return
+    base = engine._sampling
+
+    def sampling(params, seed):
+        sp = base(params, seed)
+        sp.ignore_eos = True
+        return sp
+
+    engine._sampling = sampling
+    try:
+        yield
+    finally:
+        del engine._sampling  # back to the class's method
+
+
+def timed_call(engine, ps, seed: int, procs, fixed: bool = False) -> tuple[float, int, float]:
+    """(wall s, generated tokens, cores used) of one generate call (``fixed``: EOS ignored)."""
     params = SamplingParams(**{**PARAMS.__dict__, "seed": seed})
     c0, t0 = cpu_seconds(procs), time.perf_counter()
-    out = engine.generate(ps, params)
+    with eos_ignored(engine) if fixed else contextlib.nullcontext():
+        out = engine.generate(ps, params)
     wall = time.perf_counter() - t0
     return wall, sum(len(s.token_ids) for r in out for s in r.samples), (cpu_seconds(procs) - c0) / wall
 
@@ -85,7 +120,7 @@ def start_vllm(model: str, dtype: str, eager: bool, known: list) -> tuple[object
 
 
 def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts: list[int],
-                     with_eager: bool) -> dict:
+                     with_eager: bool, settle_s: float, fixed_length: bool) -> dict:
     """The engines loaded at once, their calls interleaved: vLLM (compiled, its default), vLLM
     eager (``--vllm-eager``), transformers at each thread count, vLLM, ... (one warm-up call each
     first), so that a slow phase of this shared machine hits every engine alike. Then the
@@ -100,29 +135,37 @@ def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts:
             e, eager_start_s, procs = start_vllm(model, dtype, True, known)
             engines["vllm-eager"] = (e, procs)
         names = [*engines] + [f"transformers@{n}" for n in thread_counts]
+        if fixed_length:
+            names += [f"{n} fixed" for n in names]
         calls: dict[str, list] = {n: [] for n in names}
         hf = make_engine({"kind": "transformers", "model_path": model, "dtype": dtype, "max_batch_size": 16})
         for i in range(repeats + 1):  # round 0 warms up every engine
             for name in names:
-                if name in engines:
-                    e, procs = engines[name]
-                    c = timed_call(e, ps, i + 1, procs)
+                base, fixed = name.removesuffix(" fixed"), name.endswith(" fixed")
+                time.sleep(settle_s)
+                if base in engines:
+                    e, procs = engines[base]
+                    c = timed_call(e, ps, i + 1, procs, fixed)
                 else:
-                    torch.set_num_threads(int(name.split("@")[1]))
-                    c = timed_call(hf, ps, i + 1, [psutil.Process()])
+                    torch.set_num_threads(int(base.split("@")[1]))
+                    c = timed_call(hf, ps, i + 1, [psutil.Process()], fixed)
                 if i:
                     calls[name].append(c)
         res = {name: summary(calls[name]) for name in names}
         v = res["vllm"]
         v.update(start_s=start_s, bind=eng.cpu_threads_bind, update=bench_update(eng, model, ps[:1], repeats))
+        for name in names:
+            if name.startswith("vllm"):
+                res[name]["bind"] = engines[name.removesuffix(" fixed")][0].cpu_threads_bind
         if with_eager:
-            res["vllm-eager"].update(start_s=eager_start_s, bind=engines["vllm-eager"][0].cpu_threads_bind)
-        for name in names[1:]:
+            res["vllm-eager"].update(start_s=eager_start_s)
+        for name in names:
             if name.startswith("transformers@"):
-                res[name]["threads"] = int(name.split("@")[1])
-            # the same round's calls side by side: how far the ratio moves within this run
-            res[name]["pair_ratios"] = [round(a[1] / a[0] / (b[1] / b[0]), 2) for a, b in
-                                        zip(calls["vllm"], calls[name], strict=True)]
+                res[name]["threads"] = int(name.split("@")[1].removesuffix(" fixed"))
+            ref = "vllm fixed" if name.endswith(" fixed") else "vllm"
+            if name != ref:  # the same round's calls side by side: how far the ratio moves within this run
+                res[name]["pair_ratios"] = [round(a[1] / a[0] / (b[1] / b[0]), 2) for a, b in
+                                            zip(calls[ref], calls[name], strict=True)]
     finally:
         for e, _ in engines.values():
             e.close()
@@ -172,16 +215,22 @@ def main() -> None:
                     help="also time the transformers engine with this many torch threads (0: no)")
     ap.add_argument("--vllm-eager", action="store_true",
                     help="also time a vLLM engine with enforce_eager (no torch.compile), interleaved")
+    ap.add_argument("--settle", type=float, default=1.5,
+                    help="seconds to wait before each call (vLLM's worker spins ~1 s after a request)")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="also time every engine with EOS ignored (all samples max_new_tokens long)")
     ap.add_argument("--out", default="benchmarks/results/rollout_engines_cpu.md")
     ap.add_argument("--run-root", default="runs/bench_rollout_engines")
     args = ap.parse_args()
+    retain_freed_memory()  # as the rollout service does: its transformers engine runs with it
 
     load_before = load()
     model = ensure_demo_model()
     threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
     gen = {}
     for dtype in ("float32", "bfloat16"):
-        gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager)
+        gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager,
+                                      args.settle, args.fixed_length)
         print(dtype, gen[dtype], flush=True)
     demo = {}
     if args.demo_steps:
@@ -198,7 +247,9 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
         f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
         "(a shared machine: other jobs ran, so absolute times are noisy).",
         f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
-        f"--demo-steps {args.demo_steps}{' --vllm-eager' if args.vllm_eager else ''}`.",
+        f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle}"
+        f"{' --vllm-eager' if args.vllm_eager else ''}{' --fixed-length' if args.fixed_length else ''}`. "
+        "The bench process keeps freed memory as the services do (`covrl.malloc.retain_freed_memory`).",
         "",
         "## Generation: 4 demo prompts x n=4 = 16 samples, <= 64 new tokens, temperature 1",
         "",
@@ -207,19 +258,22 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
         "round. vllm = VLLMEngine as configured by default (vLLM's torch.compile); vllm-eager = "
         "`enforce_eager: true`. tokens/s = median over the calls of generated tokens / wall s; wall s "
         "and tokens are the median call's. cores used = CPU seconds of the engine's process(es) / wall "
-        "seconds. vllm x = the compiled vLLM engine's tokens/s over the row's.",
+        "seconds. vllm x = the compiled vLLM engine's tokens/s over the row's, with the same lengths "
+        "(sampled: each stops at EOS; fixed: EOS ignored, all 64 tokens).",
         "",
-        "| engine | dtype | wall s | tokens | tokens/s | cores used | threads | vllm x | vllm x, call by call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | dtype | lengths | wall s | tokens | tokens/s | cores used | threads | vllm x | "
+        "vllm x, call by call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype, res in gen.items():
-        v = res["vllm"]
         for name, t in res.items():
+            fixed = name.endswith(" fixed")
+            v = res["vllm fixed" if fixed else "vllm"]
             threads = (f"torch {t['threads']}" if name.startswith("transformers") else
                        f"OpenMP bound to cores {t['bind']} (engine.cpu_threads=0)")
-            ratio = ("- | -" if name == "vllm" else f"{v['tok_s'] / t['tok_s']:.2f} | {t['pair_ratios']}")
-            lines.append(f"| {name.split('@')[0]} | {dtype} | {t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | "
-                         f"{t['cores']:.2f} | {threads} | {ratio} |")
+            ratio = ("- | -" if t is v else f"{v['tok_s'] / t['tok_s']:.2f} | {t['pair_ratios']}")
+            lines.append(f"| {name.split('@')[0].removesuffix(' fixed')} | {dtype} | {'fixed' if fixed else 'sampled'} | "
+                         f"{t['wall_s']:.2f} | {t['tokens']} | {t['tok_s']:.0f} | {t['cores']:.2f} | {threads} | {ratio} |")
     lines += ["", "All timed calls (wall s; tokens/s): " + "; ".join(
         f"{name} {dtype}: {r['walls']}; {r['tok_s_each']}" for dtype, res in gen.items() for name, r in res.items()),
         ""]
