@@ -234,6 +234,8 @@ def parse_trl_overrides(items: list[str]) -> dict:
 
 def spawn(engine: str, rnd: int, a) -> dict:
     """Run one worker subprocess; return its result plus the wall time of the whole process."""
+    from machine_info import copy_bandwidth_gbs
+
     run_dir = os.path.join(a.work_dir, f"{engine}_round{rnd}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
@@ -243,6 +245,7 @@ def spawn(engine: str, rnd: int, a) -> dict:
     cmd += [x for o in a.covrl for x in ("--covrl", o)] + [x for o in a.trl for x in ("--trl", o)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
     print(f"[bench_trl_grpo] round {rnd}: {engine} ({a.steps} steps), log {log}", flush=True)
+    bw_before = copy_bandwidth_gbs()
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -263,7 +266,7 @@ def spawn(engine: str, rnd: int, a) -> dict:
         raise SystemExit(f"bench_trl_grpo: the {engine} run of round {rnd} failed (exit {rc}); end of {log}:\n{tail}")
     with open(result) as f:
         res = json.load(f)
-    res.update(round=rnd, wall_s=wall)
+    res.update(round=rnd, wall_s=wall, copy_gbs=(bw_before, copy_bandwidth_gbs()))
     return res
 
 
@@ -303,6 +306,12 @@ def table(runs: list[dict]) -> list[str]:
     lines += ["", "Ratios covrl / TRL (all rounds): "
               f"step {c['step_s'] / t['step_s']:.2f}, train {c['train_s'] / t['train_s']:.2f}, "
               f"generate {c['generate_s'] / t['generate_s']:.2f}."]
+    by_round: dict[int, dict[str, dict]] = {}
+    for res in runs:
+        by_round.setdefault(res["round"], {})[res["engine"]] = medians(res["rows"][1:])
+    lines.append("Step ratio covrl / TRL by round: " + "; ".join(
+        f"round {r}: {e['covrl']['step_s'] / e['trl']['step_s']:.2f}"
+        for r, e in sorted(by_round.items()) if {"covrl", "trl"} <= e.keys()) + ".")
     return lines
 
 
@@ -385,6 +394,10 @@ def report(a, cfg, runs: list[dict], load_before: str, load_after: str, started:
         "Every step (step 1 of each run warms up):", "", *per_step(runs), "",
         "Process wall time (s, start-up + model load + steps): "
         + "; ".join(f"{r['engine']} round {r['round']}: {r['wall_s']:.0f}" for r in runs),
+        "",
+        "Memory bandwidth before / after each run (GB/s, best of 3 copies of 256 MiB; this shared VM's "
+        "moves with its neighbours): " + "; ".join(
+            f"{r['engine']} round {r['round']}: {r['copy_gbs'][0]:.1f} / {r['copy_gbs'][1]:.1f}" for r in runs),
         "",
         "Not the same in both: " + differences(cfg, parse_trl_overrides(a.trl)), "",
     ]

@@ -17,6 +17,27 @@ def cpu() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({model})"
 
 
+def copy_bandwidth_gbs(mib: int = 256, repeats: int = 3) -> float:
+    """Memory bandwidth now: GB/s (read + write) of the best of ``repeats`` copies of ``mib`` MiB.
+
+    A shared VM's bandwidth moves with its neighbours (20.8 GB/s and 3.3 GB/s on this one, an
+    hour apart), so a benchmark records it beside the runs it compares.
+    """
+    import time
+
+    import torch
+
+    src = torch.empty(mib << 18, dtype=torch.float32)  # mib MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault both in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
 def write_results(path: str, lines: list[str]) -> None:
     """Write a results markdown file (creating its folder), echo it, and say where it went."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
