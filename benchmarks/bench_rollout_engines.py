@@ -153,7 +153,7 @@ def bench_generation(model: str, dtype: str, ps_fn, repeats: int, thread_counts:
                     calls[name].append(c)
         res = {name: summary(calls[name]) for name in names}
         v = res["vllm"]
-        v.update(start_s=start_s, bind=eng.cpu_threads_bind, update=bench_update(eng, model, ps[:1], repeats))
+        v.update(start_s=start_s, update=bench_update(eng, model, ps[:1], repeats))
         for name in names:
             if name.startswith("vllm"):
                 res[name]["bind"] = engines[name.removesuffix(" fixed")][0].cpu_threads_bind
