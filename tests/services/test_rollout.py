@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from sampling_check import assert_samples_follow_the_processed_distribution
 
 from covrl.client import ClientError, RolloutClient
 from covrl.engines.base import SamplingParams, processed_logprobs
+from covrl.engines.transformers_engine import TransformersEngine
 from covrl.models import tiny_causal_lm
 
 
@@ -67,6 +69,14 @@ def test_sampling_respects_top_k(engine, tokenizer):
     r = engine.generate([_ids(tokenizer, "q")], SamplingParams(n=4, top_k=1, max_new_tokens=8, seed=3))[0]
     assert len({tuple(s.token_ids) for s in r.samples}) == 1  # top_k=1 is greedy
     assert all(abs(x) < 1e-6 for s in r.samples for x in s.logprobs)  # log 1 under the processed distribution
+
+
+def test_samples_follow_the_distribution_their_logprobs_describe(tokenizer):
+    model = tiny_causal_lm(len(tokenizer), seed=0)
+    with torch.no_grad():  # a peaked next-token distribution, so temperatures are told apart
+        model.lm_head.weight.mul_(15)
+    engine = TransformersEngine(model, tokenizer, max_batch_size=64)
+    assert_samples_follow_the_processed_distribution(engine, model, _ids(tokenizer, "12+7="))
 
 
 def test_stop_tokens_and_stop_strings_end_samples(engine, tokenizer):

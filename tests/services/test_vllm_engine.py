@@ -177,6 +177,13 @@ def test_top_k_top_p_logprobs_are_of_the_processed_distribution(engine, hf0):
 
 
 @needs_vllm
+def test_samples_follow_the_distribution_their_logprobs_describe(engine, hf0):
+    from sampling_check import assert_samples_follow_the_processed_distribution
+
+    assert_samples_follow_the_processed_distribution(engine, hf0, PROMPT)
+
+
+@needs_vllm
 def test_seeds_reproduce_and_differ(engine):
     from covrl.engines import SamplingParams
 
