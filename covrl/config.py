@@ -470,19 +470,25 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> T
     return cfg
 
 
+def read_yaml_mapping(path: str | os.PathLike, error: type[Exception]) -> dict:
+    """The top-level mapping of a YAML file (``{}`` if empty), else ``error`` with a one-line reason."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise error(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (optional), apply ``key=value`` overrides, validate; raise ConfigError."""
-    data: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, ConfigError) if path else {}
     try:
         return config_from_dict(data, overrides)
     except _OverrideError as e:  # the typo is on the command line, not in the file

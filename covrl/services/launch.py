@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 
+from covrl.config import read_yaml_mapping
 from covrl.malloc import status as malloc_status
 from covrl.services.common import RunningServer, ServerConfig, ServiceBinding, start_server
 
@@ -39,20 +40,7 @@ class ServiceConfigError(ValueError):
 
 
 def load_config(path: str | os.PathLike | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ServiceConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ServiceConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(cfg, dict):
-        raise ServiceConfigError(f"{path}: expected a YAML mapping at the top level")
-    return cfg
+    return {} if path is None else read_yaml_mapping(path, ServiceConfigError)
 
 
 def _keys(obj) -> list[str]:

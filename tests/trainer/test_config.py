@@ -53,6 +53,24 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_trainer_and_service_configs_read_yaml_alike(tmp_path):
+    """One reader for both: the same file gives the same one-line reason, and an empty file is {}."""
+    from covrl.services.launch import ServiceConfigError
+    from covrl.services.launch import load_config as load_service_config
+
+    broken, listed, empty = tmp_path / "broken.yaml", tmp_path / "list.yaml", tmp_path / "empty.yaml"
+    broken.write_text("algo: [1,\n  2")
+    listed.write_text("- 1\n- 2\n")
+    empty.write_text("")
+    for path, reason in [(broken, "not valid YAML: .*line 2"), (listed, "expected a YAML mapping at the top level, got list")]:
+        with pytest.raises(ConfigError, match=f"{path.name}: {reason}") as trainer:
+            load_config(path)
+        with pytest.raises(ServiceConfigError, match=f"{path.name}: {reason}") as service:
+            load_service_config(path)
+        assert str(trainer.value) == str(service.value) and "\n" not in str(service.value)
+    assert load_service_config(empty) == {} and load_config(empty) == TrainConfig()
+
+
 def test_describe_lists_every_field_with_help():
     text = describe()
     assert "algo.kl_cov_fraction (float, default 0.0002): KL-Cov: FRACTION" in text
