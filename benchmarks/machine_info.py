@@ -38,6 +38,26 @@ def copy_bandwidth_gbs(mib: int = 256, repeats: int = 3) -> float:
     return 2 * src.numel() * src.element_size() / best / 1e9
 
 
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Compute speed now: fp32 GFLOP/s of the best of ``repeats`` n x n matmuls on torch's threads.
+
+    Beside :func:`copy_bandwidth_gbs`: on this VM the two move separately (at 06:50 the copy ran
+    at 24-27 GB/s while every engine took twice its 03:35 time).
+    """
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def write_results(path: str, lines: list[str]) -> None:
     """Write a results markdown file (creating its folder), echo it, and say where it went."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
