@@ -178,7 +178,8 @@ class ServicesConfig:
     tls_key: str = _f("", "client key PEM for mutual TLS (optional)")
     token_env: str = _f("COVRL_TOKEN", "environment variable holding the shared token sent as call metadata")
     connect_timeout_s: float = _f(60.0, "how long to wait for a remote service (given by address) to "
-                                  "answer, seconds; then fail naming it", gt=0.0)
+                                  "answer, seconds; then fail naming it (of several remote rollout servers, "
+                                  "the first to answer is enough)", gt=0.0)
     start_timeout_s: float = _f(300.0, "how long a locally started service may take to start (load its "
                                 "model), seconds; then fail with its log's tail", gt=0.0)
     threads: int = _f(0, "torch threads per local service process (0: torch's default, or half the cores each when max_staleness > 0)", ge=0)

@@ -258,7 +258,8 @@ def log_tail(path: str | None, n_lines: int = 20) -> str:
 
 
 def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float, *, alive=None,
-               report=_log, log_path: str | None = None, starting: bool | None = None) -> None:
+               report=_log, log_path: str | None = None, starting: bool | None = None,
+               stop: threading.Event | None = None) -> None:
     """Block until ``address`` answers the standard health check as SERVING.
 
     A service that is still starting (``starting``, default: a local one, i.e. ``alive``
@@ -267,7 +268,7 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
     "connecting ...", with the last error once it has taken over 5 s. After ``timeout_s``
     raise TimeoutError naming the address, the last error and the tail of ``log_path``.
     Polls with backoff (0.5 s doubling to 5 s). ``alive()`` may return a reason to give up
-    early (a local service that exited).
+    early (a local service that exited); ``stop`` set ends the wait quietly.
     """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -276,7 +277,7 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
     t0 = time.monotonic()
     delay, reason, last_report, said_error = 0.5, None, None, False
     report(f"{'starting' if starting else 'connecting to'} the {name} service at {address} ...")
-    while True:
+    while stop is None or not stop.is_set():
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -307,5 +308,70 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
             report(f"the {name} service at {address} does not answer yet ({reason}); retrying until "
                    f"{timeout_s:g}s (services.connect_timeout_s)")
             said_error = True
-        time.sleep(min(delay, max(0.05, timeout_s - waited + 0.05)))
+        pause = min(delay, max(0.05, timeout_s - waited + 0.05))
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
         delay = min(delay * 2, 5.0)
+
+
+def wait_for_rollout_servers(clients: list, timeout_s: float, *, report=_log) -> list[str]:
+    """Wait for the first of several remote rollout servers to answer; the addresses not up yet.
+
+    Each is polled as :func:`wait_ready` does, all at once. The run can start on one: the
+    others are taken in by the fleet's re-admission when they answer, as a server that comes
+    back mid-run is. Only when none comes up within ``timeout_s`` is that an error (the
+    first server's TimeoutError).
+    """
+    stop, lock = threading.Event(), threading.Lock()
+    ready: list[str] = []
+    errors: dict[str, BaseException] = {}
+
+    def one(client) -> None:
+        try:
+            wait_ready(client.channel, "rollout", client.address, timeout_s, report=report, stop=stop)
+        except BaseException as e:  # noqa: BLE001 - reported below if no server comes up
+            with lock:
+                errors[client.address] = e
+            return
+        if not stop.is_set():
+            with lock:
+                ready.append(client.address)
+            stop.set()
+
+    threads = [threading.Thread(target=one, args=(c,), daemon=True, name="covrl-connect") for c in clients]
+    for t in threads:
+        t.start()
+    while not stop.is_set() and len(errors) < len(clients):
+        stop.wait(0.05)
+    stop.set()
+    if not ready:
+        raise errors[clients[0].address]
+    late = [c.address for c in clients if c.address not in ready]
+    for address in late:
+        report(f"the rollout service at {address} is not up yet; starting with {len(clients) - len(late)} of "
+               f"{len(clients)} rollout servers given by address: the fleet takes it in when it answers")
+    return late
+
+
+def wait_for_services(ch: Clients, local: LocalServices | None, local_rollout: dict[str, str], s) -> None:
+    """Wait for every service of ``ch`` (``s``: the ``services`` config section) to answer.
+
+    The trainer's own services get ``services.start_timeout_s`` and are watched for an early
+    exit; those given by address get ``services.connect_timeout_s``. When every rollout server
+    is given by address and there are several, the first to answer is enough
+    (:func:`wait_for_rollout_servers`).
+    """
+    several = ch.rollout if len(ch.rollout) > 1 and not local_rollout else []
+    if several:
+        wait_for_rollout_servers(several, s.connect_timeout_s)
+    for name, client in ch.all():
+        if name == "rollout" and several:
+            continue
+        inst = local_rollout.get(client.address) if name == "rollout" else (
+            name if local is not None and name in local.procs else None)
+        wait_ready(client.channel, name, client.address,
+                   max(s.connect_timeout_s, s.start_timeout_s) if inst else s.connect_timeout_s,
+                   alive=(lambda n=inst: local.check(n)) if inst else None,
+                   log_path=os.path.join(local.dir, f"{inst}.log") if inst else None)

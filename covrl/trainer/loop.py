@@ -82,7 +82,7 @@ from covrl.trainer.local_services import (
     LocalServices,
     _log,
     service_configs,
-    wait_ready,
+    wait_for_services,
 )
 from covrl.trainer.recovery import (
     RunStopped,
@@ -210,13 +210,7 @@ class Trainer:
         if not with_learner:
             addresses["learner"] = ""
         self.ch = Clients(self.cfg, addresses)
-        timeout = s.connect_timeout_s
-        for name, client in self.ch.all():
-            inst = local_rollout.get(client.address) if name == "rollout" else (
-                name if self.local is not None and name in self.local.procs else None)
-            wait_ready(client.channel, name, client.address, max(timeout, s.start_timeout_s) if inst else timeout,
-                       alive=(lambda n=inst: self.local.check(n)) if inst else None,
-                       log_path=os.path.join(self.local.dir, f"{inst}.log") if inst else None)
+        wait_for_services(self.ch, self.local, local_rollout, s)
         if with_learner and not (self.local is not None and "learner" in self.local.procs):
             # a learner given by address trains with its own config: name each setting that differs
             check_remote_learner(self.cfg, self.ch.learner, service_configs(self.cfg, self.model_path, self.run_dir)

@@ -128,6 +128,58 @@ def test_clip_cov_pipelined_in_process_services(tmp_path, tiny_model_dir):
     assert all(r["controller/error"] < 0 for r in rows)  # entropy below target
 
 
+@pytest.mark.slow
+def test_a_run_starts_on_the_rollout_server_that_is_up_and_takes_in_the_late_one(tmp_path, tiny_model_dir, capfd):
+    """Two rollout servers by address, the first not running yet: the run starts on the other
+    one, and the first joins the fleet once it answers (started during step 2)."""
+    from covrl.services.launch import start
+    from covrl.trainer import service_configs
+
+    cfg = tiny_cfg(tmp_path / "run", steps=4)
+    late = f"127.0.0.1:{free_port()}"
+    started = []
+    with in_process_services(cfg, tiny_model_dir, tmp_path) as addr:
+        cfg.services.rollout = [late, addr["rollout"]]
+        cfg.services.reward, cfg.services.learner = addr["reward"], addr["learner"]
+        cfg.model.path = tiny_model_dir
+        tr = Trainer(cfg)
+        step = tr.train_step
+
+        def train_step(n):
+            if n == 2:
+                started.append(start("rollout", service_configs(cfg, tiny_model_dir, str(tmp_path))["rollout"],
+                                     "127.0.0.1", int(late.rsplit(":", 1)[1])))
+            if n == 3:  # bounded: re-admission retries every <= 5 s
+                deadline = time.monotonic() + 60
+                while len(tr.fleet.healthy) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            return step(n)
+
+        tr.train_step = train_step
+        try:
+            tr.run()
+        finally:
+            for r in started:
+                r.stop(grace_s=0.5)
+    err = capfd.readouterr().err
+    assert f"the rollout service at {late} is not up yet; starting with 1 of 2 rollout servers" in err
+    assert f"rollout fleet: 2/2 healthy (admitted {late} at weight version" in err
+    rows = read_metrics(cfg.logging.run_dir)
+    _check_steps(rows, 4)
+    assert [r["rollout/servers_healthy"] for r in rows] == [1, 1, 2, 2]
+
+
+def test_a_run_whose_rollout_servers_are_all_down_ends_naming_the_first(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", **{"services.connect_timeout_s": 1})
+    down = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    cfg.services.rollout, cfg.services.reward, cfg.services.learner = down, down[0], down[1]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"the rollout service at {down[0]} did not come up within 1s "
+                                           r"\(services.connect_timeout_s\)"):
+        Trainer(cfg).run()
+    assert time.monotonic() - t0 < 30
+
+
 def test_a_local_service_that_dies_is_reported_with_its_log(tmp_path):
     from covrl.client import RolloutClient
     from covrl.trainer import LocalServices, wait_ready
