@@ -286,6 +286,8 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
             reason = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
+        if stop is not None and stop.is_set():
+            return
         if alive is not None:
             dead = alive()
             if dead:
