@@ -147,6 +147,15 @@ def test_info_names_the_real_device_and_kv_cache_is_sized_from_the_config(engine
         per_token = kv_cache_bytes_per_token(engine.llm.llm_engine.model_config.hf_config, torch.float32)
         assert per_token == 2 * 2 * 2 * 64 * 4
         assert engine.kv_cache_memory_bytes == max(16 * 256 * per_token, 16 << 20)
+        assert engine.llm.llm_engine.vllm_config.cache_config.block_size == 32  # covrl's CPU default, not 128
+
+
+@pytest.mark.parametrize("bad", [0, -32, 32.0, True, "32"])
+def test_bad_block_size_is_refused_naming_the_field(tmp_path, bad):
+    from covrl.engines.vllm_engine import VLLMEngine
+
+    with pytest.raises(ValueError, match=r"engine\.block_size: expected a positive int"):
+        VLLMEngine(str(tmp_path), block_size=bad)
 
 
 @needs_vllm
