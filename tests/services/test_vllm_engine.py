@@ -147,7 +147,9 @@ def test_info_names_the_real_device_and_kv_cache_is_sized_from_the_config(engine
         per_token = kv_cache_bytes_per_token(engine.llm.llm_engine.model_config.hf_config, torch.float32)
         assert per_token == 2 * 2 * 2 * 64 * 4
         assert engine.kv_cache_memory_bytes == max(16 * 256 * per_token, 16 << 20)
-        assert engine.llm.llm_engine.vllm_config.cache_config.block_size == 32  # covrl's CPU default, not 128
+        # covrl's default without AMX (vLLM-CPU's own is 128); with AMX vLLM chooses
+        want_block = 128 if torch.cpu._is_amx_tile_supported() else 32
+        assert engine.llm.llm_engine.vllm_config.cache_config.block_size == want_block
 
 
 @pytest.mark.parametrize("bad", [0, -32, 32.0, True, "32"])
