@@ -3,7 +3,7 @@
 Both engines loaded at once, SmolLM2-135M-Instruct, 4 demo prompts x n=4 = 16 samples x 64
 new tokens with EOS ignored (so both make the same tokens), calls interleaved (128, 32, 128,
 ...; one warm-up round, then ``--repeats``), 1.5 s before each call (vLLM's worker spins
-about 1 s after a request). ``--long`` adds the same prompts behind ~1,000 tokens of context.
+about 1 s after a request). ``--long`` adds the same prompts behind ~850 tokens of context (~900 in all).
 The ratio is per round: the 128 engine's wall time over the 32 engine's in the same round.
 
     .venv/bin/python benchmarks/bench_vllm_block_size.py --dtype float32   # results/vllm_block_size_cpu.md
@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--long", action="store_true", help="also time prompts behind ~1,000 tokens of context")
+    ap.add_argument("--long", action="store_true", help="also time the prompts behind ~850 tokens of context")
     ap.add_argument("--out", default="benchmarks/results/vllm_block_size_cpu.md")
     args = ap.parse_args()
     load_before, model = load(), ensure_demo_model()

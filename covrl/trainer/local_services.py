@@ -273,11 +273,12 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     starting = alive is not None if starting is None else starting
+    stop = stop or threading.Event()  # never set when not given: a plain sleep between polls
     stub = health_pb2_grpc.HealthStub(channel)
     t0 = time.monotonic()
     delay, reason, last_report, said_error = 0.5, None, None, False
     report(f"{'starting' if starting else 'connecting to'} the {name} service at {address} ...")
-    while stop is None or not stop.is_set():
+    while not stop.is_set():
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -286,7 +287,7 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
             reason = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             return
         if alive is not None:
             dead = alive()
@@ -310,11 +311,7 @@ def wait_ready(channel: grpc.Channel, name: str, address: str, timeout_s: float,
             report(f"the {name} service at {address} does not answer yet ({reason}); retrying until "
                    f"{timeout_s:g}s (services.connect_timeout_s)")
             said_error = True
-        pause = min(delay, max(0.05, timeout_s - waited + 0.05))
-        if stop is not None:
-            stop.wait(pause)
-        else:
-            time.sleep(pause)
+        stop.wait(min(delay, max(0.05, timeout_s - waited + 0.05)))
         delay = min(delay * 2, 5.0)
 
 
