@@ -7,14 +7,31 @@ import platform
 
 
 def cpu() -> str:
-    """``"<cores>-core <arch> CPU (<model name>)"``; the model from /proc/cpuinfo where there is one."""
+    """``"<cores>-core <arch> CPU (<model name>, family <f>; <ISA>)"`` from /proc/cpuinfo where there is one.
+
+    The family and the ISA tell apart VMs that share a model name ("AMD EPYC" has been a Zen 3
+    with AVX2 only and a Zen 5 with AVX-512 BF16); ISA is the widest of AMX-BF16, AVX-512 BF16,
+    AVX-512 and AVX2 in the flags, which decides whether bf16 runs natively.
+    """
     model = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
         pass
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({model})"
+    model = info.get("model name", model)
+    flags = set(info.get("flags", "").split())
+    isa = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512 BF16"),
+                                        ("avx512f", "AVX-512, no bf16"), ("avx2", "AVX2 only"))
+                if flag in flags), None)
+    detail = "".join(part for part in (f", family {info['cpu family']}" if "cpu family" in info else "",
+                                       f"; {isa}" if isa else ""))
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({model}{detail})"
 
 
 def copy_bandwidth_gbs(mib: int = 256, repeats: int = 3) -> float:
