@@ -16,9 +16,9 @@
   ``OMP_NUM_THREADS`` of them) become vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own
   ``auto`` (``-1``) keeps one core of the two here out of generation (:func:`bind_cpu_threads`).
 - KV-cache blocks: ``block_size`` (default None: 32 on a vLLM-CPU host without AMX, else
-  vLLM's own choice). On a 2-core AMD EPYC (AVX2, no AMX), vLLM-CPU's default of 128 took
-  1.12x as long as 32 for 16 x 64 tokens of SmolLM2-135M in fp32, and 1.24x with ~900-token
-  prompts (``benchmarks/results/vllm_block_size_cpu.md``). CPUs with AMX run
+  vLLM's own choice). On 2-core AMD EPYCs without AMX (a Zen 3 with AVX2, a Zen 5 with AVX-512
+  BF16), vLLM-CPU's default of 128 took 1.07-1.12x as long as 32 for 16 x 64 tokens of
+  SmolLM2-135M, and 1.22-1.27x with ~900-token prompts (``benchmarks/results/vllm_block_size_*``). CPUs with AMX run
   vLLM-CPU's AMX attention kernel, where 32 has not been measured: vLLM's 128 stays there.
 - Compilation: vLLM's default, on CPU too (``enforce_eager=False``: torch.compile, and CUDA
   graphs on a GPU). On vLLM-CPU 0.32 here it made bf16 decoding about 2x faster than eager
