@@ -230,7 +230,7 @@ def main() -> None:
     model = ensure_demo_model()
     threads = [args.threads] + ([args.extra_threads] if args.extra_threads and args.extra_threads != args.threads else [])
     gen, probes = {}, {}
-    for dtype in args.dtypes.split(","):
+    for dtype in [d for d in args.dtypes.split(",") if d]:
         before = probe()
         gen[dtype] = bench_generation(model, dtype, prompts, args.repeats, threads, args.vllm_eager,
                                       args.settle, args.fixed_length)
