@@ -29,8 +29,7 @@ def cpu() -> str:
     isa = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512 BF16"),
                                         ("avx512f", "AVX-512, no bf16"), ("avx2", "AVX2 only"))
                 if flag in flags), None)
-    detail = "".join(part for part in (f", family {info['cpu family']}" if "cpu family" in info else "",
-                                       f"; {isa}" if isa else ""))
+    detail = (f", family {info['cpu family']}" if "cpu family" in info else "") + (f"; {isa}" if isa else "")
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({model}{detail})"
 
 
