@@ -375,7 +375,9 @@ def differences(cfg, trl_overrides: dict) -> str:
 def report(a, cfg, runs: list[dict], load_before: str, load_after: str, started: str) -> str:
     from machine_info import cpu
 
-    command = "python benchmarks/bench_trl_grpo.py" + (" " + shlex.join(a.argv) if a.argv else "")
+    # the environment that changes both sides' memory behaviour is part of the command
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("GLIBC_TUNABLES", "COVRL_RETAIN_FREED_MEMORY") if k in os.environ]
+    command = " ".join(env + ["python benchmarks/bench_trl_grpo.py"]) + (" " + shlex.join(a.argv) if a.argv else "")
     lines = [
         f"# covrl demo step vs TRL GRPOTrainer on CPU (SmolLM2-135M-Instruct; covrl "
         f"{precision(cfg)}, TRL {trl_precision(parse_trl_overrides(a.trl))})", "",
